@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make reproduce   create .venv, install, run every notebook (smoke profile, CPU, offline) into results/, rebuild the report
+#   make test        same set-up, then unit tests + nbval over the committed notebooks
+# Paper configurations: make reproduce PROFILE=full DEVICE=cuda KDNB_DATA=/path/to/data
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= smoke
+DEVICE  ?= cpu
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+# two CPU threads is what CI has; more only slows small models down through contention
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup reproduce test report clean-smoke
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(VENV)/.installed
+
+reproduce: setup
+	@for nb in $(NOTEBOOKS); do \
+	  $(BIN)/kdnb run $$nb --profile $(PROFILE) --device $(DEVICE) || exit 1; \
+	done
+	$(BIN)/kdnb report
+
+report: setup
+	$(BIN)/kdnb report
+
+test: setup
+	$(BIN)/python -m pytest -q tests notebooks --nbval --nbval-current-env \
+	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+clean-smoke:
+	rm -rf results/*/smoke-*

@@ -1,0 +1,32 @@
+"""Profiles: named sets of defaults per notebook ('smoke' runs in CI on shipped samples, 'reduced' is a
+named, smaller configuration, 'full' is the paper's). A notebook parameter left at None takes its
+profile's value; anything given explicitly wins. `kdnb run` resolves the same way, so the run id
+(a hash of the resolved parameters) is known before the notebook starts."""
+from __future__ import annotations
+
+import importlib
+
+from . import validate
+
+# notebook name -> module holding its PROFILES dict
+STUDY_MODULES = {
+    "05_self_distillation": "kdnb.self_distillation",
+}
+
+
+def profiles_of(notebook: str) -> dict:
+    validate.choice("notebook", notebook, STUDY_MODULES)
+    return importlib.import_module(STUDY_MODULES[notebook]).PROFILES
+
+
+def resolve(notebook: str, **params) -> dict:
+    """Fill every None-valued parameter from the profile; return all parameters, sorted by name."""
+    profile = validate.profile(params.get("profile", "smoke"))
+    defaults = profiles_of(notebook)[profile]
+    out = dict(params, profile=profile)
+    for k, v in defaults.items():
+        if out.get(k) is None:
+            out[k] = v
+    if "seeds" in out:
+        out["seeds"] = validate.seeds(out["seeds"])
+    return dict(sorted(out.items()))

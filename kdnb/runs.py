@@ -1,0 +1,169 @@
+"""Run records: what was run (resolved parameters), what came out (metrics, claims, figures), and
+on what (package versions, device, git commit, wall time). Every file is written atomically
+(temp file + rename) so an interrupted run never leaves a half-written result behind.
+
+Layout of one run (written by `kdnb run` / `make reproduce`):
+    results/<notebook>/<run-id>/notebook.ipynb   executed notebook (papermill)
+                               params.yaml      resolved parameters
+                               metrics.json     metrics and per-claim values
+                               run.json         the full record (params + metrics + environment)
+                               figures/*.png
+                               checkpoints/     (ignored by git) lets a rerun resume
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "results"
+# parameters that say where things are, not what is computed: they do not enter the run id
+NOT_IN_RUN_ID = ("output_dir", "data_dir")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # 0-d torch tensor
+        return obj.item()
+    if isinstance(obj, float) and obj != obj:
+        return None  # NaN has no JSON spelling
+    return obj
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_yaml(path, obj) -> Path:
+    return atomic_write_text(path, yaml.safe_dump(_jsonable(obj), sort_keys=True))
+
+
+def run_id(params: dict) -> str:
+    """<profile>-<hash of the resolved parameters>: the same parameters always land in the same folder,
+    which is what makes a finished run skippable and an interrupted one resumable."""
+    keyed = {k: v for k, v in params.items() if k not in NOT_IN_RUN_ID}
+    digest = hashlib.sha1(json.dumps(_jsonable(keyed), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{params.get('profile', 'run')}-{digest}"
+
+
+def git_commit() -> str | None:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str = "cpu") -> dict:
+    import numpy
+    import torch
+    import torchvision
+
+    env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+           "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+           "cpu_threads": torch.get_num_threads(), "device": device, "git_commit": git_commit()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+class Run:
+    """The record of one notebook execution. With output_dir=None (interactive use, nbval) nothing is
+    written and no checkpoints are kept, so the notebook behaves the same wherever it runs."""
+
+    def __init__(self, notebook: str, params: dict, output_dir: str | os.PathLike | None = None,
+                 device: str = "cpu"):
+        self.notebook, self.params, self.device = notebook, dict(params), device
+        self.dir = Path(output_dir) if output_dir else None
+        self.metrics: dict[str, Any] = {}
+        self.claims: dict[str, dict] = {}
+        self.figures: list[str] = []
+        self.started = time.time()
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_yaml(self.dir / "params.yaml", self.params)
+
+    def checkpoint(self, name: str) -> Path | None:
+        """Path for a resumable checkpoint (None when the run keeps no files)."""
+        return None if self.dir is None else self.dir / "checkpoints" / f"{name}.pt"
+
+    def log(self, **metrics) -> None:
+        self.metrics.update(_jsonable(metrics))
+
+    def claim(self, claim_id: str, values, *, verdict: str | None = None, note: str | None = None,
+              seeds=None) -> None:
+        """Values that speak to a claim of papers/<study>.yaml: one per seed (a number or a list of
+        numbers). A verdict is given here only for qualitative claims; numeric ones are judged by
+        `kdnb report` against the reported value and tolerance."""
+        entry = {"values": _jsonable(values)}
+        if seeds is not None:
+            entry["seeds"] = list(seeds)
+        if verdict:
+            entry["verdict"] = verdict
+        if note:
+            entry["note"] = note
+        self.claims[claim_id] = entry
+
+    def save_figure(self, fig, name: str) -> Path | None:
+        if self.dir is None:
+            return None
+        path = self.dir / "figures" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+        self.figures.append(f"figures/{name}.png")
+        return path
+
+    def finish(self) -> dict:
+        record = {
+            "notebook": self.notebook,
+            "run_id": self.dir.name if self.dir is not None else None,
+            "params": self.params,
+            "metrics": self.metrics,
+            "claims": self.claims,
+            "figures": self.figures,
+            "environment": environment(self.device),
+            "wall_time_s": round(time.time() - self.started, 1),
+            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        if self.dir is not None:
+            atomic_write_json(self.dir / "metrics.json", {"metrics": self.metrics, "claims": self.claims})
+            atomic_write_json(self.dir / "run.json", record)
+        return record

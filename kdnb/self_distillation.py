@@ -1,0 +1,182 @@
+"""Study E, ResNet part (Kennethborup/self_distillation `self_distiller.py`, STUDIES.md E.2).
+
+Step 0 fits the ground truth; step t >= 1 trains a fresh network on
+    alpha * MSE(softmax(z), onehot(y)) + (1 - alpha) * MSE(softmax(z), softmax(z_teacher))
+    + reg_coef * sum of per-tensor L2 norms (not squared: quirk E-Q5),
+with the previous step's *last-epoch* network as the frozen teacher.
+
+Quirks as flags (faithful value first):
+  teacher_bn_train_mode  True | False   E-Q2: Lightning's .train() recursed into the teacher, whose
+                                         BatchNorm then used batch statistics while producing targets
+  shuffle                False | True   E-Q4: the source never reshuffled the training set
+The source's "validation" is the test set (E-Q3): we report the final-epoch test accuracy per step
+and, beside it, the best-epoch one the source's checkpoint monitor would have picked.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from . import data, losses, models, train, validate
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+VARIANTS = {
+    "faithful": {"teacher_bn_train_mode": True, "shuffle": False},
+    "corrected": {"teacher_bn_train_mode": False, "shuffle": True},
+}
+
+# One dict per profile: the notebook's None parameters take these values.
+PROFILES = {
+    # shipped CIFAR sample (500 train / 250 test), seconds on CPU: the pipeline, not a result
+    "smoke": dict(seeds=[0], data_source="sample", arch="resnet18", sd_alphas=[0.6], distillation_steps=2,
+                  epochs=2, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"]),
+    # lossless CIFAR-10 subset (4,000 train / 1,000 test), ResNet-18, about 20 minutes on 2 CPU cores
+    "reduced": dict(seeds=[0], data_source="subset", arch="resnet18", sd_alphas=[0.0, 0.6], distillation_steps=3,
+                    epochs=10, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"]),
+    # the source README's command: ResNet-50, 75 epochs, batch 16, Adam 1e-4, alpha 0.6, 5 steps (CUDA)
+    "full": dict(seeds=[1], data_source="real", arch="resnet50", sd_alphas=[0.6], distillation_steps=5,
+                 epochs=75, batch_size=16, lr=1e-4, reg_coef=1e-4, variants=["faithful", "corrected"]),
+}
+
+
+def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, **_):
+    """Every ResNet parameter, before any data is read."""
+    if not isinstance(sd_alphas, (list, tuple)) or not sd_alphas:
+        validate.fail("sd_alphas", sd_alphas, "must be a non-empty list of numbers in [0, 1]")
+    for a in sd_alphas:
+        validate.unit_interval("sd_alphas", a)
+    validate.positive_int("distillation_steps", distillation_steps)
+    validate.positive_int("epochs", epochs)
+    validate.positive_int("batch_size", batch_size)
+    validate.positive("lr", lr)
+    if isinstance(reg_coef, bool) or not isinstance(reg_coef, (int, float)) or reg_coef < 0:
+        validate.fail("reg_coef", reg_coef, "must be a number >= 0")
+    if not isinstance(variants, (list, tuple)) or not variants:
+        validate.fail("variants", variants, f"must be a non-empty list of {list(VARIANTS)}")
+    for v in variants:
+        validate.choice("variants", v, VARIANTS)
+    validate.choice("arch", arch, models.RESNETS)
+
+
+@dataclass
+class Cifar:
+    train_x: torch.Tensor  # float in [0,1], [N,3,32,32], on the device
+    train_y: torch.Tensor
+    test_x: torch.Tensor   # normalised
+    test_y: torch.Tensor
+
+
+def load_cifar(source: str, *, data_dir=None, device: str = "cpu", download: bool = False) -> Cifar:
+    tr = data.load("cifar10", "train", source=source, data_dir=data_dir, download=download)
+    te = data.load("cifar10", "test", source=source, data_dir=data_dir, download=download)
+    return Cifar(data.to_float(tr.x, device=device), tr.y.to(device),
+                 data.to_float(te.x, mean=CIFAR_MEAN, std=CIFAR_STD, device=device), te.y.to(device))
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    m = torch.tensor(CIFAR_MEAN, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(CIFAR_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """RandomCrop(32, padding=4) -> RandomHorizontalFlip -> Normalize, as the source's train transform
+    (padding with black before normalising, as torchvision does on the PIL image)."""
+    return _normalise(data.random_crop_flip(x, g, padding=4))
+
+
+def test_accuracy(model, cifar: Cifar) -> float:
+    return (train.predict(model, cifar.test_x, batch_size=500).argmax(1) == cifar.test_y).float().mean().item()
+
+
+def run(cifar: Cifar, *, seed: int, arch: str, sd_alphas, distillation_steps: int, epochs: int, batch_size: int,
+        lr: float, reg_coef: float, teacher_bn_train_mode: bool, shuffle: bool, device: str = "cpu",
+        checkpoint=lambda name: None, desc: str = "", progress: bool = True) -> list[dict]:
+    """All steps for every alpha; step 0 (ground truth only) is trained once and shared by the alphas.
+    Returns one row per (alpha, step): final and best-epoch test accuracy and the epoch history."""
+    rows = []
+
+    def train_step(step: int, alpha: float, teacher):
+        train.seed_everything(seed * 100 + step)  # a fresh initialisation per step, as the source
+        model = models.resnet(arch, 10).to(device)
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.train(teacher_bn_train_mode)
+
+        def loss_fn(m, xb, yb):
+            t_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+            loss = losses.self_distillation_mse(m(xb), yb, t_logits, alpha=alpha, num_classes=10)
+            return loss + reg_coef * losses.l2_norm_sum(m.parameters()) if reg_coef else loss
+
+        loader = data.TensorLoader(cifar.train_x, cifar.train_y, batch_size, shuffle=shuffle,
+                                   seed=seed * 100 + step, augment=augment)
+        tag = f"{desc}step{step}" + ("" if step == 0 else f"-alpha{alpha:g}")
+        res = train.fit(model, loader, loss_fn, epochs=epochs, optimizer="adam", lr=lr,
+                        evaluate=lambda m: {"test_acc": test_accuracy(m, cifar)}, monitor="test_acc", mode="max",
+                        select="final", checkpoint=checkpoint(f"{tag}-seed{seed}"), seed=seed * 100 + step,
+                        desc=tag, progress=progress)
+        accs = [h["test_acc"] for h in res.history]
+        rows.append({"alpha": alpha if step else None, "step": step, "seed": seed, "final_acc": accs[-1],
+                     "best_acc": max(accs), "best_epoch": res.best_epoch, "history": res.history})
+        return model
+
+    step0 = train_step(0, 1.0, None)
+    for alpha in sd_alphas:
+        teacher = step0
+        for step in range(1, distillation_steps):
+            student = train_step(step, alpha, copy.deepcopy(teacher))
+            teacher = student
+    return rows
+
+
+def accuracy_table(rows: list[dict]):
+    """Mean and std over seeds of final- and best-epoch test accuracy per (variant, alpha, step).
+    Step 0 has no alpha; it is repeated under every alpha as the common starting point."""
+    import pandas as pd
+
+    alphas = sorted({r["alpha"] for r in rows if r["alpha"] is not None})
+    flat = []
+    for r in rows:
+        for a in (alphas if r["step"] == 0 else [r["alpha"]]):
+            flat.append({"variant": r["variant"], "alpha": a, "step": r["step"], "seed": r["seed"],
+                         "final_acc": r["final_acc"], "best_acc": r["best_acc"]})
+    df = pd.DataFrame(flat)
+    g = df.groupby(["variant", "alpha", "step"], sort=True)
+    out = g.agg(final_acc_mean=("final_acc", "mean"), final_acc_std=("final_acc", "std"),
+                best_acc_mean=("best_acc", "mean"), best_acc_std=("best_acc", "std"), seeds=("seed", "count"))
+    return out.reset_index()
+
+
+def e4_verdict(acc, *, profile: str) -> dict:
+    """Claim E4 (no reported number): does some alpha in (0, 1) beat the ground-truth-only step 0?
+    Judged on the final-epoch test accuracy of the last step, per variant."""
+    lines, values, supported = [], [], {}
+    for variant, d in acc.groupby("variant"):
+        step0 = d[d.step == 0].final_acc_mean.iloc[0]
+        for alpha, g in d[(d.alpha > 0) & (d.alpha < 1)].groupby("alpha"):
+            last = g[g.step == g.step.max()].final_acc_mean.iloc[0]
+            best_step = g.loc[g.final_acc_mean.idxmax()]
+            supported[(variant, alpha)] = last > step0
+            lines.append(f"{variant}, alpha={alpha:g}: step 0 {step0:.3f} -> step {int(g.step.max())} {last:.3f} "
+                         f"({last - step0:+.3f}); best step {int(best_step.step)} ({best_step.final_acc_mean:.3f})")
+            if variant == "faithful" or not values:
+                values = [g.sort_values("step").final_acc_mean.round(4).tolist()]
+        for alpha, g in d[d.alpha == 0].groupby("alpha"):
+            last = g[g.step == g.step.max()].final_acc_mean.iloc[0]
+            lines.append(f"{variant}, alpha=0 (no ground truth): step 0 {step0:.3f} -> step {int(g.step.max())} {last:.3f} "
+                         f"({last - step0:+.3f})")
+    if profile == "smoke":
+        verdict, note = None, "smoke profile: a pipeline check on 500 images, not evidence"
+    elif not supported:
+        verdict, note = None, "no alpha in (0, 1) was run"
+    else:
+        ok = [k for k, v in supported.items() if v]
+        verdict = "supported" if len(ok) == len(supported) else ("mixed" if ok else "not supported")
+        note = f"{profile} profile; " + "; ".join(lines)
+    return {"verdict": verdict, "note": note, "values": values,
+            "text": "\n".join(lines) + (f"\nE4 verdict ({profile}): {verdict or 'none'}" + (f" - {note}" if verdict is None else ""))}
