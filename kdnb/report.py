@@ -1,9 +1,11 @@
-"""results/README.md and results/summary.csv, generated from papers/ claims and run records — never typed.
+"""results/README.md, results/summary.csv and results/figures/<study>.png, generated from papers/ claims
+and run records — never typed.
 
 One row per (claim, profile that produced values for it). Numeric claims are judged here: the mean
 over seeds (elementwise for lists) against the reported value within the card's tolerance.
 Qualitative claims carry the verdict their notebook computed. Smoke runs are pipeline checks and are
-never reported.
+never reported. The figure of a study shows, per numeric claim, the reported value(s) beside the
+reproduced mean ± std of every profile; every number in README.md links the executed notebooks behind it.
 """
 from __future__ import annotations
 
@@ -111,6 +113,71 @@ def _diff(row) -> str:
     return _fmt(float(np.max(np.abs(d))) if isinstance(d, list) else d) + (" (max abs)" if isinstance(d, list) else "")
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _numeric(v) -> bool:
+    """A number or a non-empty flat list of numbers."""
+    if isinstance(v, list):
+        return bool(v) and all(_is_number(x) for x in v)
+    return _is_number(v)
+
+
+def plotted(table: list[dict], study: str) -> list[dict]:
+    """Rows of a study that its figure shows: a numeric reported value and a reproduced one of the same shape."""
+    return [r for r in table if r["study"] == study and _numeric(r["reported"]) and _numeric(r["reproduced"])
+            and isinstance(r["reported"], list) == isinstance(r["reproduced"], list)
+            and (not isinstance(r["reported"], list) or len(r["reported"]) == len(r["reproduced"]))]
+
+
+def figure_path(study: str) -> str:
+    return f"figures/{study}.png"
+
+
+def render_figure(table: list[dict], study: str):
+    """Reported vs reproduced, one panel per numeric claim (x = element of a list claim, e.g. the step)."""
+    from matplotlib.figure import Figure
+
+    shown = plotted(table, study)
+    claims = list(dict.fromkeys(r["claim"] for r in shown))
+    cols = min(3, len(claims))
+    nrows = math.ceil(len(claims) / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax in axes[len(claims):]:
+        ax.set_visible(False)
+    for ax, claim_id in zip(axes, claims):
+        rows_ = [r for r in shown if r["claim"] == claim_id]
+        reported = np.atleast_1d(np.asarray(rows_[0]["reported"], dtype=float))
+        scalar = not isinstance(rows_[0]["reported"], list)
+        x = np.arange(len(reported))
+        ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
+        for i, r in enumerate(rows_):
+            mean = np.atleast_1d(np.asarray(r["reproduced"], dtype=float))
+            std = np.atleast_1d(np.asarray(r["std"], dtype=float)) if r["std"] is not None else np.zeros_like(mean)
+            at = np.array([i + 1.0]) if scalar else x + 0.08 * (i + 1)  # scalars: one column per profile
+            ax.errorbar(at, mean, yerr=std, fmt="o" if scalar else "o-", ms=4, capsize=3,
+                        label=f"{r['profile']} (n={r['seeds']}): {r['verdict']}")
+        ax.set_title(claim_id, fontsize=10, loc="left")
+        if scalar:
+            ax.set_xticks(range(len(rows_) + 1), ["reported"] + [r["profile"] for r in rows_])
+            ax.set_xlim(-0.5, len(rows_) + 0.5)
+        else:
+            ax.set_xticks(x, [str(i + 1) for i in x])
+            ax.set_xlabel("element (step)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{study}: reported vs reproduced (mean ± std over seeds)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def _verdict(row) -> str:
+    if row["verdict"] == "not runnable offline" and row["note"]:
+        return f"not runnable offline ({row['note']})"
+    return row["verdict"] + (f" — {row['note']}" if row["note"] else "")
+
+
 def render_markdown(table: list[dict]) -> str:
     out = io.StringIO()
     out.write("# Reported vs reproduced\n\n")
@@ -123,15 +190,30 @@ def render_markdown(table: list[dict]) -> str:
         out.write("| claim | metric | reported | profile | reproduced | diff | verdict | runs |\n|---|---|---|---|---|---|---|---|\n")
         for r in (r for r in table if r["study"] == study):
             links = ", ".join(f"[{Path(p).name}]({p}/notebook.ipynb)" for p in r["runs"]) or "—"
-            verdict = r["verdict"] + (f" — {r['note']}" if r["note"] else "")
             out.write(f"| **{r['claim']}** {r['statement']} | {r['metric']} | {_fmt(r['reported'])} | {r['profile']} | "
-                      f"{_cell(r)} | {_diff(r)} | {verdict} | {links} |\n")
+                      f"{_cell(r)} | {_diff(r)} | {_verdict(r)} | {links} |\n")
         out.write("\n")
+        if plotted(table, study):
+            out.write(f"![{study}: reported vs reproduced]({figure_path(study)})\n\n")
     return out.getvalue()
+
+
+def write_figures(table: list[dict], results: Path = runs.RESULTS) -> list[Path]:
+    """results/figures/<study>.png for every study with a plottable row (none without non-smoke runs);
+    figures of studies that no longer have one are removed."""
+    written = []
+    for study in sorted({r["study"] for r in table}):
+        if plotted(table, study):
+            written.append(runs.atomic_save_figure(render_figure(table, study), results / figure_path(study)))
+    for stale in sorted((results / "figures").glob("*.png")) if (results / "figures").is_dir() else []:
+        if stale not in written:
+            stale.unlink()
+    return written
 
 
 def write(results: Path = runs.RESULTS) -> tuple[Path, Path]:
     table = rows(results)
+    write_figures(table, results)
     md = runs.atomic_write_text(results / "README.md", render_markdown(table))
     buf = io.StringIO()
     fields = ["study", "claim", "profile", "reported", "reproduced", "std", "seeds", "diff", "verdict", "note", "runs"]

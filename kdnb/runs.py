@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "results"
+RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 # parameters that say where things are, not what is computed: they do not enter the run id
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
 
@@ -69,6 +69,20 @@ def atomic_write_json(path, obj) -> Path:
 
 def atomic_write_yaml(path, obj) -> Path:
     return atomic_write_text(path, yaml.safe_dump(_jsonable(obj), sort_keys=True))
+
+
+def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """A matplotlib figure as PNG, written to a temp file beside the target and renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def run_id(params: dict) -> str:
@@ -143,11 +157,7 @@ class Run:
     def save_figure(self, fig, name: str) -> Path | None:
         if self.dir is None:
             return None
-        path = self.dir / "figures" / f"{name}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        path = atomic_save_figure(fig, self.dir / "figures" / f"{name}.png")
         self.figures.append(f"figures/{name}.png")
         return path
 

@@ -115,11 +115,11 @@ def run(cifar: Cifar, *, seed: int, arch: str, sd_alphas, distillation_steps: in
 
         loader = data.TensorLoader(cifar.train_x, cifar.train_y, batch_size, shuffle=shuffle,
                                    seed=seed * 100 + step, augment=augment)
-        tag = f"{desc}step{step}" + ("" if step == 0 else f"-alpha{alpha:g}")
+        tag = f"step{step}" + ("" if step == 0 else f"-alpha{alpha:g}")
         res = train.fit(model, loader, loss_fn, epochs=epochs, optimizer="adam", lr=lr,
                         evaluate=lambda m: {"test_acc": test_accuracy(m, cifar)}, monitor="test_acc", mode="max",
                         select="final", checkpoint=checkpoint(f"{tag}-seed{seed}"), seed=seed * 100 + step,
-                        desc=tag, progress=progress)
+                        desc=desc + tag, progress=progress)
         accs = [h["test_acc"] for h in res.history]
         rows.append({"alpha": alpha if step else None, "step": step, "seed": seed, "final_acc": accs[-1],
                      "best_acc": max(accs), "best_epoch": res.best_epoch, "history": res.history})

@@ -1,0 +1,109 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kdnb import cli, papers, report, runs
+
+
+def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.json"
+    runs.atomic_write_json(target, {"a": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        runs.atomic_write_json(target, {"a": 2})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_run_id_is_a_hash_of_what_is_computed():
+    a = runs.run_id({"profile": "reduced", "lr": 0.1, "output_dir": "x", "data_dir": "/d"})
+    b = runs.run_id({"lr": 0.1, "profile": "reduced", "output_dir": "y"})
+    assert a == b and a.startswith("reduced-")
+    assert runs.run_id({"profile": "reduced", "lr": 0.2}) != a
+
+
+def test_run_record(tmp_path):
+    import numpy as np
+
+    r = runs.Run("05_self_distillation", {"profile": "reduced", "seeds": [0]}, tmp_path / "run", device="cpu")
+    assert r.checkpoint("step0") == tmp_path / "run" / "checkpoints" / "step0.pt"
+    r.log(acc=np.float32(0.5), curve=np.array([1.0, 2.0]))
+    r.claim("E1", [[0.1, 0.2]])
+    rec = r.finish()
+    assert yaml.safe_load((tmp_path / "run" / "params.yaml").read_text()) == {"profile": "reduced", "seeds": [0]}
+    saved = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert saved["metrics"] == {"acc": 0.5, "curve": [1.0, 2.0]} and saved["claims"]["E1"]["values"] == [[0.1, 0.2]]
+    for key in ("torch", "python", "device", "git_commit"):
+        assert key in saved["environment"]
+    assert rec["wall_time_s"] >= 0
+    nothing = runs.Run("x", {}, None)
+    assert nothing.checkpoint("a") is None and nothing.save_figure(None, "f") is None
+
+
+def _record(results, notebook, run_id, profile, claims):
+    d = results / notebook / run_id
+    d.mkdir(parents=True)
+    (d / "run.json").write_text(json.dumps({"notebook": notebook, "params": {"profile": profile}, "claims": claims}))
+
+
+def test_report_verdicts(tmp_path):
+    e1 = papers.reported("05_self_distillation", "E1")
+    _record(tmp_path, "05_self_distillation", "reduced-a", "reduced",
+            {"E1": {"values": [e1]}, "E2": {"values": [[0.2] * 7]},
+             "E3": {"values": [0.2041, 0.2043]},
+             "E4": {"values": [[0.4, 0.45]], "verdict": "supported", "note": "reduced profile"}})
+    _record(tmp_path, "05_self_distillation", "smoke-b", "smoke", {"E1": {"values": [[9.0] * 7]}})
+    rows = {(r["claim"], r["profile"]): r for r in report.rows(tmp_path)}
+    assert rows[("E1", "reduced")]["verdict"] == "reproduced"
+    assert rows[("E2", "reduced")]["verdict"] == "not reproduced"
+    e3 = rows[("E3", "reduced")]
+    assert e3["verdict"] == "reproduced" and e3["seeds"] == 2 and e3["std"] == pytest.approx(0.000141421, abs=1e-8)
+    assert rows[("E4", "reduced")]["verdict"] == "supported"
+    assert not any(p == "smoke" for _, p in rows)                       # smoke runs never reported
+    assert rows[("E2-readme", "—")]["verdict"] == "not run yet"
+    md, csv_path = report.write(tmp_path)
+    text = md.read_text()
+    assert "reduced-a/notebook.ipynb" in text and "not reproduced" in text and csv_path.is_file()
+
+
+def test_cli_rejects_unknown_parameter_before_running(tmp_path, capsys):
+    assert cli.main(["run", "05_self_distillation", "-p", "temprature", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "'temprature' is not a parameter of 05_self_distillation.ipynb" in err and "Traceback" not in err
+    assert cli.main(["run", "no_such_notebook"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_plan_resolves_like_the_notebook():
+    path, given, resolved, out = cli.plan("05_self_distillation", {"profile": "reduced", "epochs": 3})
+    assert resolved["epochs"] == 3 and resolved["arch"] == "resnet18" and resolved["sd_alphas"] == [0.0, 0.6]
+    assert out.parent.name == "05_self_distillation" and out.name == runs.run_id(resolved)
+    assert "output_dir" not in resolved and "data_dir" not in resolved
+    assert cli.parse_value("[0.0, 0.6]") == [0.0, 0.6] and cli.parse_value("1e-3") == 1e-3
+    assert cli.parse_value("resnet50") == "resnet50" and cli.parse_value("None") is None
+
+
+def test_committed_run_records_match_their_folder():
+    """Every committed result: executed notebook, params and metrics beside it, run id = hash of params."""
+    for rec_path in sorted(runs.RESULTS.glob("*/*/run.json")):
+        d = rec_path.parent
+        if d.name.startswith("smoke-"):
+            continue
+        rec = json.loads(rec_path.read_text())
+        assert (d / "notebook.ipynb").is_file() and (d / "metrics.json").is_file() and (d / "params.yaml").is_file()
+        assert runs.run_id(rec["params"]) == d.name, f"{d}: params do not hash to the folder name"
+        assert yaml.safe_load((d / "params.yaml").read_text()) == rec["params"]
+
+
+def test_committed_report_is_up_to_date():
+    readme = runs.RESULTS / "README.md"
+    if not readme.is_file():
+        pytest.skip("no results/README.md yet")
+    assert readme.read_text() == report.render_markdown(report.rows())
