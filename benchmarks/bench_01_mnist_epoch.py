@@ -13,7 +13,7 @@ Prints the time per batch of each, and the ratio source / kdnb (the issue asks f
 set-up per student (the teacher's first layer on every training image, reused by all epochs) is timed and
 printed separately. Real MNIST from --data-dir / $KDNB_DATA when present, else the shipped sample (tiled).
 
-    .venv/bin/python benchmarks/bench_01_mnist_epoch.py [--batches 300] [--repeats 3]
+    .venv/bin/python benchmarks/bench_01_mnist_epoch.py [--batches 300] [--repeats 3] [--threads 1]
 """
 from __future__ import annotations
 
@@ -65,6 +65,16 @@ def source_epoch(x_uint8, y, teacher, n_batches: int) -> float:
     return time.perf_counter() - start
 
 
+def source_data_only(x_uint8, y, n_batches: int) -> float:
+    """The source's DataLoader alone: what kdnb removes outright."""
+    loader = torch.utils.data.DataLoader(SourceDataset(x_uint8, y), batch_size=BATCH, shuffle=True)
+    start = time.perf_counter()
+    for i, _ in enumerate(loader):
+        if i == n_batches - 1:
+            break
+    return time.perf_counter() - start
+
+
 def kdnb_epoch(x_float, y, teacher, n_batches: int) -> tuple[float, float]:
     train.seed_everything(0)
     student = models.student_mlp("mlp")
@@ -83,7 +93,11 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, default=300, help="batches per timed pass (same for both)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed passes of each; the median counts")
     ap.add_argument("--data-dir")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both (default 1: batch-32 matrices gain little from more, and a second "
+                         "thread competing with other jobs slows both pipelines down many times)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     try:
         tr, source = data.load("mnist", "train", source="real", data_dir=args.data_dir), "real MNIST"
@@ -100,19 +114,24 @@ def main(argv=None) -> None:
     print(f"{source}, digits 0-5, {args.batches} batches of {BATCH}, torch threads: {torch.get_num_threads()}")
     source_epoch(x8, y, teacher, 20)  # warm-up: allocator, MKL, DataLoader machinery
     kdnb_epoch(xf[:20 * BATCH], y[:20 * BATCH], teacher, 20)
-    src, ours, setups = [], [], []
+    src, ours, setups, loading = [], [], [], []
     for _ in range(args.repeats):  # alternate, so that load from other processes hits both alike
         src.append(source_epoch(x8, y, teacher, args.batches))
+        loading.append(source_data_only(x8, y, args.batches))
         t, s = kdnb_epoch(xf, y, teacher, args.batches)
         ours.append(t)
         setups.append(s)
     s_med, o_med = statistics.median(src), statistics.median(ours)
     per = lambda t: 1e3 * t / args.batches  # noqa: E731
+    l_med = statistics.median(loading)
     print(f"source pipeline (DataLoader + PIL + ToTensor, teacher per batch): {per(s_med):.3f} ms/batch")
+    print(f"  of which the DataLoader + PIL + ToTensor alone:                 {per(l_med):.3f} ms/batch")
     print(f"kdnb (tensors in memory, TensorLoader, targets per epoch):        {per(o_med):.3f} ms/batch")
     print(f"kdnb one-off set-up per student (teacher fc1 on {n} images):   {1e3 * statistics.median(setups):.1f} ms "
           f"(a full 70-epoch run pays it once)")
     print(f"ratio source / kdnb per epoch: {s_med / o_med:.2f}x (target >= 5x)")
+    print(f"(the model and loss left after removing the source's data pipeline take {per(s_med - l_med):.3f} ms/batch "
+          f"there; kdnb also spreads the teacher over whole-epoch products)")
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def voc_root(data_dir=None, *, download: bool = False) -> Path:
 
 def subset_by_classes(split: Split, classes: Sequence[int]) -> Split:
     """Keep images *and* labels of the listed classes only (labels keep their original ids)."""
-    keep = torch.isin(split.y, torch.as_tensor(list(classes)))
+    keep = torch.isin(split.y, torch.as_tensor(list(classes), device=split.y.device))  # same device as the labels
     return Split(split.x[keep], split.y[keep], split.source)
 
 

@@ -69,7 +69,7 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
             for profile in sorted(by_profile, key=lambda p: PROFILE_ORDER.get(p, 9)):
                 recs = by_profile[profile]
                 entries = [r["claims"][claim["id"]] for r in recs]
-                values = [v for e in entries for v in e["values"]]
+                values = _values_once_per_seed(entries)
                 mean, std = _aggregate(values) if values else (None, None)
                 reported, diff = claim.get("reported"), None
                 verdicts = {e["verdict"] for e in entries if e.get("verdict")}
@@ -88,6 +88,19 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                                   seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
                                   runs=[str(r["_dir"].relative_to(results)) for r in recs]))
     return table
+
+
+def _values_once_per_seed(entries: list[dict]) -> list:
+    """All values of a claim, each seed counted once: two runs that share a seed (a 3-seed run and a grid's
+    seed 0 of the same configuration) computed the same thing and must not weigh twice."""
+    values, seen = [], set()
+    for e in entries:
+        seeds = e.get("seeds") or [None] * len(e["values"])
+        for seed, v in zip(seeds, e["values"]):
+            if seed is None or seed not in seen:
+                values.append(v)
+                seen.add(seed)
+    return values
 
 
 def _tolist(x):

@@ -107,3 +107,11 @@ def test_committed_report_is_up_to_date():
     if not readme.is_file():
         pytest.skip("no results/README.md yet")
     assert readme.read_text() == report.render_markdown(report.rows())
+
+
+def test_report_counts_each_seed_once(tmp_path):
+    e3 = papers.reported("05_self_distillation", "E3")
+    _record(tmp_path, "05_self_distillation", "reduced-a", "reduced", {"E3": {"values": [e3, e3 + 1e-4], "seeds": [0, 1]}})
+    _record(tmp_path, "05_self_distillation", "reduced-b", "reduced", {"E3": {"values": [e3 + 1e-4, 9.0], "seeds": [1, 2]}})
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
+    assert row["seeds"] == 3 and row["reproduced"] == pytest.approx((e3 + e3 + 1e-4 + 9.0) / 3)
