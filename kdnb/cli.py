@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import runs
+from . import runs, validate
 
 NOTEBOOKS = runs.REPO / "notebooks"
 # parameters that say where things go; kdnb run sets output_dir itself
@@ -62,6 +62,7 @@ def plan(name: str, given: dict, results: Path | None = None) -> tuple[Path, dic
                          f"its parameters are: {', '.join(defaults)}")
     merged = {**defaults, **given}
     resolved = profiles.resolve(path.stem, **{k: v for k, v in merged.items() if k not in LOCATION_PARAMS})
+    profiles.check(path.stem, resolved)  # bad values stop here, not as a traceback inside the notebook
     out = (results or runs.RESULTS) / path.stem / runs.run_id(resolved)
     return path, given, resolved, out
 
@@ -73,6 +74,8 @@ def run(name: str, given: dict, *, force: bool = False, log_output: bool = False
     import papermill
 
     path, given, resolved, out = plan(name, given, results)
+    if "device" in resolved:
+        validate.device(resolved["device"])  # here, not in plan(): a cluster's driver may have no GPU
     if (out / "run.json").is_file() and not force:
         print(f"already finished, nothing to do: {_show(out)}")
         return out

@@ -22,6 +22,14 @@ def profiles_of(notebook: str) -> dict:
     return importlib.import_module(STUDY_MODULES[notebook]).PROFILES
 
 
+def check(notebook: str, params: dict) -> None:
+    """The study's own check of resolved parameters (a ValueError naming the first bad one), if it has one."""
+    if notebook in STUDY_MODULES:
+        module = importlib.import_module(STUDY_MODULES[notebook])
+        if hasattr(module, "check"):
+            module.check(**params)
+
+
 def resolve(notebook: str, **params) -> dict:
     """Fill every None-valued parameter from the profile; return all parameters, sorted by name."""
     profile = validate.profile(params.get("profile", "smoke"))

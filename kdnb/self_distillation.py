@@ -41,8 +41,13 @@ PROFILES = {
 }
 
 
-def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, **_):
-    """Every ResNet parameter, before any data is read."""
+def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, alphas=None,
+          gamma=None, lam=None, steps=None, **_):
+    """Every parameter of notebook 05 (the KRR ones too when given), before any data is read."""
+    if alphas is not None:
+        from . import krr
+
+        krr.check_table(alphas, gamma, lam, steps)
     if not isinstance(sd_alphas, (list, tuple)) or not sd_alphas:
         validate.fail("sd_alphas", sd_alphas, "must be a non-empty list of numbers in [0, 1]")
     for a in sd_alphas:

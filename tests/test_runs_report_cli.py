@@ -115,3 +115,22 @@ def test_report_counts_each_seed_once(tmp_path):
     _record(tmp_path, "05_self_distillation", "reduced-b", "reduced", {"E3": {"values": [e3 + 1e-4, 9.0], "seeds": [1, 2]}})
     row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
     assert row["seeds"] == 3 and row["reproduced"] == pytest.approx((e3 + e3 + 1e-4 + 9.0) / 3)
+
+
+def test_cli_rejects_bad_values_before_running(capsys):
+    assert cli.main(["run", "05_self_distillation", "-p", "sd_alphas", "[1.5]"]) == 2
+    assert "sd_alphas=1.5" in capsys.readouterr().err
+    assert cli.main(["run", "05_self_distillation", "-p", "gamma", "0"]) == 2
+    assert "gamma=0" in capsys.readouterr().err
+    assert cli.main(["run", "01_mnist_unseen_classes", "-p", "kept_classes", "[]"]) == 2
+    assert "kept_classes=[]" in capsys.readouterr().err
+    assert cli.main(["run", "01_mnist_unseen_classes", "-p", "temperature", "0"]) == 2
+    assert "temperature=0" in capsys.readouterr().err
+
+
+def test_cli_cuda_without_cuda(monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["run", "05_self_distillation", "--device", "cuda"]) == 2
+    assert "device='cuda'" in capsys.readouterr().err
