@@ -129,6 +129,8 @@ class Run:
         self.claims: dict[str, dict] = {}
         self.figures: list[str] = []
         self.started = time.time()
+        # taken at the start: the code that ran is the commit checked out when the run began
+        self.environment = environment(device)
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_yaml(self.dir / "params.yaml", self.params)
@@ -169,7 +171,7 @@ class Run:
             "metrics": self.metrics,
             "claims": self.claims,
             "figures": self.figures,
-            "environment": environment(self.device),
+            "environment": self.environment,
             "wall_time_s": round(time.time() - self.started, 1),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
