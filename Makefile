@@ -31,6 +31,9 @@ reproduce: setup
 report: setup
 	$(BIN)/kdnb report
 
+# data tests read the real datasets when they sit beside the checkout (as in CI); skipped otherwise
+SHARED_DATA := $(wildcard $(abspath ../shared/datasets))
+test: export KDNB_DATA ?= $(SHARED_DATA)
 test: setup
 	$(BIN)/python -m pytest -q tests notebooks --nbval --nbval-current-env \
 	  --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
