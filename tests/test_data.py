@@ -75,7 +75,9 @@ def test_emnist_letters_orientation_and_labels(tmp_path):
     assert torch.equal(split.y[:5], torch.as_tensor(labels[:5]).long() - 1)
 
 
-def test_voc_root_resolution(tmp_path):
+def test_voc_root_resolution(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDNB_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
     samples.write_synthetic_voc(tmp_path)
     assert data.voc_root(tmp_path) == tmp_path
     with pytest.raises(data.DataNotFoundError, match="voc2012"):
