@@ -76,17 +76,21 @@ def run(name: str, given: dict, *, force: bool = False, log_output: bool = False
     path, given, resolved, out = plan(name, given, results)
     if "device" in resolved:
         validate.device(resolved["device"])  # here, not in plan(): a cluster's driver may have no GPU
+    partial, final = out / "notebook.partial.ipynb", out / "notebook.ipynb"
     if (out / "run.json").is_file() and not force:
+        if partial.is_file() and not final.is_file():
+            # killed after the notebook wrote its record but before the rename below: keep the executed
+            # notebook that produced the record
+            os.replace(partial, final)
         print(f"already finished, nothing to do: {_show(out)}")
         return out
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / "notebook.partial.ipynb"
     print(f"running {path.name} ({resolved['profile']}) -> {_show(out)}"
           + (" (resuming from checkpoints)" if (out / "checkpoints").is_dir() else ""))
     papermill.execute_notebook(str(path), str(partial), parameters={**given, "output_dir": str(out)},
                                cwd=str(path.parent), kernel_name="python3", log_output=log_output,
                                progress_bar=progress_bar)
-    os.replace(partial, out / "notebook.ipynb")
+    os.replace(partial, final)
     return out
 
 

@@ -184,11 +184,6 @@ def execute(notebook: str, given: dict, results: str | None, driver_host: str | 
     start = time.time()
     with contextlib.redirect_stdout(buf):
         out = cli.run(notebook, given, results=Path(results) if results else None, progress_bar=False)
-    partial, final = out / "notebook.partial.ipynb", out / "notebook.ipynb"
-    if (out / "run.json").is_file() and partial.is_file() and not final.is_file():
-        # killed after the notebook wrote its record but before papermill's rename: the retry found the
-        # run finished; keep the executed notebook that produced the record
-        os.replace(partial, final)
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     result = {"out": str(out), "record": record, "seconds": round(time.time() - start, 1),
               "host": socket.gethostname(), "pid": os.getpid(), "log": buf.getvalue()}

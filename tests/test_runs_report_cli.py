@@ -134,3 +134,13 @@ def test_cli_cuda_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["run", "05_self_distillation", "--device", "cuda"]) == 2
     assert "device='cuda'" in capsys.readouterr().err
+
+
+def test_finished_run_killed_before_rename_keeps_its_notebook(tmp_path, capsys):
+    _, _, resolved, out = cli.plan("05_self_distillation", {}, tmp_path)
+    out.mkdir(parents=True)
+    (out / "run.json").write_text("{}")
+    (out / "notebook.partial.ipynb").write_text("{}")
+    assert cli.run("05_self_distillation", {}, results=tmp_path) == out
+    assert (out / "notebook.ipynb").is_file() and not (out / "notebook.partial.ipynb").exists()
+    assert "already finished" in capsys.readouterr().out

@@ -46,9 +46,15 @@ if log:
             time.sleep(sleep)
         except FileExistsError:
             pass
-if fail_once_marker and not Path(fail_once_marker).exists():
-    Path(fail_once_marker).write_text(Path(output_dir).name if output_dir else "")
-    raise RuntimeError("failing once on purpose")
+if fail_once_marker:
+    try:  # O_EXCL: exactly one of the concurrent trials creates the marker and fails
+        fd = os.open(fail_once_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        fd = None
+    if fd is not None:
+        os.write(fd, (Path(output_dir).name if output_dir else "").encode())
+        os.close(fd)
+        raise RuntimeError("failing once on purpose")
 run = runs.Run("tiny", params, output_dir)
 run.log(score=x * 10 + y + params["seeds"][0], nested={"half": x / 2, "name": "text"}, curve=[1, 2])
 record = run.finish()
