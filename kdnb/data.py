@@ -8,6 +8,7 @@ real samples shipped inside the package (see kdnb.samples), which is what the sm
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -95,7 +96,9 @@ def _idx_root(dataset: str, roots: Sequence[Path]) -> Path | None:
             return root
         for gz_dir in (raw, root):
             if all((gz_dir / (f + ".gz")).is_file() for f in files):
-                dest_root = cache_dir() / "decompressed" / f"{dataset}-{abs(hash(str(gz_dir.resolve()))):x}"
+                # a stable name per source folder (str hash() changes with every process)
+                key = hashlib.sha1(str(gz_dir.resolve()).encode()).hexdigest()[:12]
+                dest_root = cache_dir() / "decompressed" / f"{dataset}-{key}"
                 dest = dest_root / folder / "raw"
                 dest.mkdir(parents=True, exist_ok=True)
                 for f in files:

@@ -162,3 +162,20 @@ def test_real_voc_sample_reads_through_torchvision():
     img, mask = ds[0]
     m = np.array(mask)
     assert len(ds) == 15 and img.size == mask.size and set(np.unique(m)) <= set(range(21)) | {255}
+
+
+def test_decompressed_copy_is_reused_across_processes(tmp_path):
+    """The cache folder for a gz-only layout is named stably, so a second process does not decompress again."""
+    import subprocess
+    import sys
+
+    src = samples.write_idx_layout("mnist", tmp_path / "tv")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for gz in (src / "MNIST" / "raw").glob("*.gz"):
+        shutil.copy(gz, flat / gz.name)
+    code = ("import sys; from kdnb import data; data.load('mnist', 'test', data_dir=sys.argv[1]); "
+            "print(sorted(p.name for p in (data.cache_dir() / 'decompressed').iterdir()))")
+    outs = {subprocess.run([sys.executable, "-c", code, str(flat)], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(outs) == 1
