@@ -54,13 +54,19 @@ def test_real_path_offline_from_idx_files_written_here(tmp_path):
     assert split.source == "real" and len(split) == 2000
 
 
+def _flat_gz_layout(name: str, tmp_path: Path) -> Path:
+    """The sample's four .gz idx files alone in one folder, as Debian ships Fashion-MNIST."""
+    src = samples.write_idx_layout(name, tmp_path / "tv")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for gz in (src / data._IDX[name][0] / "raw").glob("*.gz"):
+        shutil.copy(gz, flat / gz.name)
+    return flat
+
+
 def test_gz_only_layouts_are_decompressed(tmp_path):
     """Debian ships Fashion-MNIST as flat .gz files; torchvision wants the uncompressed idx files."""
-    src = samples.write_idx_layout("fashion_mnist", tmp_path / "tv")
-    flat = tmp_path / "debian"
-    flat.mkdir()
-    for gz in (src / "FashionMNIST" / "raw").glob("*.gz"):
-        shutil.copy(gz, flat / gz.name)
+    flat = _flat_gz_layout("fashion_mnist", tmp_path)
     split = data.load("fashion_mnist", "test", data_dir=flat)
     assert len(split) == 500
     assert torch.equal(split.x, torch.from_numpy(samples.load_sample("fashion_mnist")["test_x"]))
@@ -169,11 +175,7 @@ def test_decompressed_copy_is_reused_across_processes(tmp_path):
     import subprocess
     import sys
 
-    src = samples.write_idx_layout("mnist", tmp_path / "tv")
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for gz in (src / "MNIST" / "raw").glob("*.gz"):
-        shutil.copy(gz, flat / gz.name)
+    flat = _flat_gz_layout("mnist", tmp_path)
     code = ("import sys; from kdnb import data; data.load('mnist', 'test', data_dir=sys.argv[1]); "
             "print(sorted(p.name for p in (data.cache_dir() / 'decompressed').iterdir()))")
     outs = {subprocess.run([sys.executable, "-c", code, str(flat)], capture_output=True, text=True, check=True).stdout
