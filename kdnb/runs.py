@@ -31,18 +31,25 @@ RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write via a uniquely named temp file in the same folder and a rename: readers see the old file or
+    the new one, never half of one, even when two processes write the same path at once."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
 
 
 def _jsonable(obj):

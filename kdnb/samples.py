@@ -32,12 +32,13 @@ import io
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from .runs import atomic_write_bytes
 
 __all__ = [
     "SAMPLE_NAMES",
@@ -124,24 +125,6 @@ def _hash_file(path: Path) -> dict:
 
 def _sha256(path: Path) -> str:
     return _hash_file(path)["sha256"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -330,8 +313,8 @@ def build(source_root: str | os.PathLike | None = None,
             "citation": spec["citation"],
         }
     for fname, data in outputs.items():
-        _atomic_write(dest / fname, data)
-    _atomic_write(dest / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(dest / fname, data)
+    atomic_write_bytes(dest / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 
@@ -390,7 +373,7 @@ def write_idx_layout(name: str, root: str | os.PathLike) -> Path:
                 payload = _gzip_bytes(data)
             if path.is_file() and path.stat().st_size == len(payload):
                 continue
-            _atomic_write(path, payload)
+            atomic_write_bytes(path, payload)
     return root
 
 
@@ -487,9 +470,9 @@ def write_synthetic_emnist(root: str | os.PathLike, *, n_train_per_class: int = 
     for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
         images, labels = synthetic_letters(n, seed=seed, split=split)
         stored = np.ascontiguousarray(images.transpose(0, 2, 1))
-        _atomic_write(raw / f"emnist-letters-{split}-images-idx3-ubyte", idx_bytes(stored))
-        _atomic_write(raw / f"emnist-letters-{split}-labels-idx1-ubyte", idx_bytes(labels.astype(np.uint8)))
-    _atomic_write(stamp, params.encode())
+        atomic_write_bytes(raw / f"emnist-letters-{split}-images-idx3-ubyte", idx_bytes(stored))
+        atomic_write_bytes(raw / f"emnist-letters-{split}-labels-idx1-ubyte", idx_bytes(labels.astype(np.uint8)))
+    atomic_write_bytes(stamp, params.encode())
     return root
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from . import cli, validate
+from . import cli, runs, validate
 
 BACKENDS = ("local", "ray")
 # files of a finished run that travel back to the driver when a Ray worker ran on another machine
@@ -201,11 +201,7 @@ def _mirror(trial: Trial, files: dict) -> None:
     if not files or (trial.out / "run.json").is_file():
         return
     for name, data in sorted(files.items(), key=lambda kv: kv[0] == "run.json"):  # run.json last
-        target = trial.out / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd_path = target.with_name(f".{target.name}.mirror.tmp")
-        fd_path.write_bytes(data)
-        os.replace(fd_path, target)
+        runs.atomic_write_bytes(trial.out / name, data)
 
 
 # --------------------------------------------------------------------------- backends

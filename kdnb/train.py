@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,11 +66,17 @@ class FitResult:
     resumed_from: int = 0                               # epochs found finished in the checkpoint
 
 
-def _atomic_save(obj, path: Path) -> None:
+def atomic_save(obj, path: Path) -> None:
+    """torch.save through a uniquely named temp file and a rename (two runs may write the same cache file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -152,7 +159,7 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
             if state["epoch"] >= epochs:
                 state["done"] = True
             if ckpt:
-                _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                               "scheduler": sched.state_dict() if sched is not None else None, "state": state}, ckpt)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)

@@ -21,8 +21,6 @@ Beyond the source: Hinton et al.'s bias correction for unseen classes, chosen on
 from __future__ import annotations
 
 import itertools
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,19 +196,6 @@ def teacher_path(config: dict) -> Path:
     return data.cache_dir() / "teachers" / f"teacher-{train.config_hash(config)}.pt"
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    # a unique temp name: two runs training the same teacher at once must not write the same temp file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def train_teacher(mnist: Mnist, config: dict, *, device: str = "cpu", progress: bool = False):
     """The source's train_teacher.py recipe. 'train_on_test' trains AND validates on the test set (A-Q1: what the
     shipped weights are); 'train_on_train' trains on the training set minus `heldout_size` images it validates on."""
@@ -248,7 +233,7 @@ def get_teacher(mnist: Mnist, config: dict, *, device: str = "cpu", progress: bo
         info = saved["info"]
     else:
         teacher, info = train_teacher(mnist, config, device=device, progress=progress)
-        _atomic_torch_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
+        train.atomic_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
     teacher.eval().requires_grad_(False)
     return teacher, dict(info, cache_hit=hit, path=str(path), key=train.config_hash(config))
 
