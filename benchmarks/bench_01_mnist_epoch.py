@@ -84,7 +84,8 @@ def kdnb_epoch(x_float, y, teacher, n_batches: int) -> tuple[float, float]:
     loader = uc.DistillLoader(x_float, targets, BATCH, seed=0)
     start = time.perf_counter()
     train.fit(student, loader, uc.kd_loss(loader, y, temperature=T, soft_weight=SOFT_WEIGHT), epochs=1,
-              optimizer="sgd", lr=LR, progress=False)
+              optimizer="sgd", lr=LR, progress=False,
+              step=uc.sgd_kd_step(loader, y, temperature=T, soft_weight=SOFT_WEIGHT))
     return time.perf_counter() - start, setup
 
 

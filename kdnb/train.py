@@ -16,7 +16,7 @@ import random
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -85,12 +85,20 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
         evaluate: Callable[[nn.Module], dict] | None = None, monitor: str | None = None, mode: str = "min",
         es_patience: int | None = None, es_min_delta: float = 0.0, select: str = "final",
         checkpoint: str | os.PathLike | None = None, seed: int = 0, desc: str = "train",
-        progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+        progress: bool = True, on_epoch_end: Callable[[int, dict], None] | None = None,
+        step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        callbacks: Sequence = ()) -> FitResult:
     """Train `model` in place; on return it holds the selected weights ('final' or 'best' by `monitor`).
 
     evaluate(model) runs after every epoch with the model in eval mode and returns metrics, e.g.
     {'val_loss': ..., 'val_acc': ...}; `monitor` names the one that drives the plateau scheduler,
     early stopping (`es_patience` epochs without improvement > es_min_delta) and best selection.
+    `callbacks`: objects with on_epoch_end(row, optimizer) -> True to stop, state_dict() and load_state_dict()
+    (KerasEarlyStopping, KerasReduceLROnPlateau); all see every epoch and their state is checkpointed.
+
+    step(model, optimizer, x, y) -> loss, when given, replaces loss_fn + backward + optimizer.step for one batch:
+    a hand-written update must read the learning rate from optimizer.param_groups (the schedulers change it
+    there) and leave the optimizer's state as optimizer.step would (checkpoints save it).
     """
     validate.positive_int("epochs", epochs)
     validate.choice("select", select, SELECT)
@@ -113,6 +121,8 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
         if sched is not None and saved.get("scheduler"):
             sched.load_state_dict(saved["scheduler"])
         state = saved["state"]
+        for cb, cb_state in zip(callbacks, saved.get("callbacks") or []):
+            cb.load_state_dict(cb_state)
     result = FitResult(resumed_from=state["epoch"])
 
     bar = None
@@ -128,10 +138,13 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
             model.train()
             total, n = 0.0, 0
             for xb, yb in loader.epoch(epoch):
-                loss = loss_fn(model, xb, yb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if step is not None:
+                    loss = step(model, opt, xb, yb)
+                else:
+                    loss = loss_fn(model, xb, yb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 if scheduler == "onecycle":
                     sched.step()
                 total += loss.item() * len(yb)
@@ -156,11 +169,14 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
                     state["bad_epochs"] += 1
                 if es_patience and state["bad_epochs"] >= es_patience:
                     state["done"] = True
+            if any([cb.on_epoch_end(row, opt) for cb in callbacks]):  # a list: every callback sees every epoch
+                state["done"] = True
             if state["epoch"] >= epochs:
                 state["done"] = True
             if ckpt:
                 atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                              "scheduler": sched.state_dict() if sched is not None else None, "state": state}, ckpt)
+                              "scheduler": sched.state_dict() if sched is not None else None, "state": state,
+                              "callbacks": [cb.state_dict() for cb in callbacks]}, ckpt)
             if on_epoch_end is not None:
                 on_epoch_end(epoch + 1, row)
             if bar is not None:
@@ -173,6 +189,76 @@ def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, to
         model.load_state_dict(state["best_state"])
     result.history, result.best_epoch, result.stopped_epoch = state["history"], state["best_epoch"], state["epoch"]
     return result
+
+
+class KerasEarlyStopping:
+    """Keras 2.0.x `EarlyStopping` (no weight restore). `wait` is compared with `patience` *before* it is
+    incremented, so training stops after the (patience + 1)-th consecutive epoch in which `monitor` did not
+    beat the best by more than `min_delta` (Keras 2.1.x and later stop one epoch sooner)."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 0, min_delta: float = 0.0, mode: str = "min"):
+        validate.non_negative_int("patience", patience)
+        validate.choice("mode", mode, ("min", "max"))
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        self.sign = 1.0 if mode == "min" else -1.0
+        self.best, self.wait, self.stopped_epoch = math.inf, 0, None
+
+    def on_epoch_end(self, row: dict, optimizer) -> bool:
+        current = self.sign * row[self.monitor]
+        if current + self.min_delta < self.best:
+            self.best, self.wait = current, 0
+            return False
+        stop = self.wait >= self.patience
+        self.wait += 1
+        if stop:
+            self.stopped_epoch = row["epoch"]
+        return stop
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait, self.stopped_epoch = state["best"], state["wait"], state["stopped_epoch"]
+
+
+class KerasReduceLROnPlateau:
+    """Keras 2.0.x `ReduceLROnPlateau`: an improvement must beat the best by more than the absolute `epsilon`.
+    The learning rate is multiplied by `factor` after the (patience + 1)-th consecutive epoch without one and,
+    because `wait` restarts at 0 and is incremented in the same call, again after every `patience` further
+    such epochs (patience 1: after every following non-improving epoch). The new rate applies from the next epoch."""
+
+    def __init__(self, monitor: str = "val_loss", factor: float = 0.1, patience: int = 10, epsilon: float = 1e-4,
+                 cooldown: int = 0, min_lr: float = 0.0, mode: str = "min"):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < 1:
+            validate.fail("factor", factor, "must be a number in (0, 1): the learning rate is multiplied by it")
+        validate.non_negative_int("patience", patience)
+        validate.non_negative_int("cooldown", cooldown)
+        validate.choice("mode", mode, ("min", "max"))
+        self.monitor, self.factor, self.patience, self.epsilon = monitor, factor, patience, epsilon
+        self.cooldown, self.min_lr, self.sign = cooldown, min_lr, 1.0 if mode == "min" else -1.0
+        self.best, self.wait, self.cooldown_counter = math.inf, 0, 0
+
+    def on_epoch_end(self, row: dict, optimizer) -> bool:
+        current = self.sign * row[self.monitor]
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.wait = 0
+        if current < self.best - self.epsilon:
+            self.best, self.wait = current, 0
+        elif self.cooldown_counter <= 0:
+            if self.wait >= self.patience:
+                for group in optimizer.param_groups:
+                    if group["lr"] > self.min_lr * (1 + 1e-4):
+                        group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+                self.cooldown_counter, self.wait = self.cooldown, 0
+            self.wait += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "cooldown_counter": self.cooldown_counter}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.wait, self.cooldown_counter = state["best"], state["wait"], state["cooldown_counter"]
 
 
 def config_hash(obj) -> str:

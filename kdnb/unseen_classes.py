@@ -21,11 +21,13 @@ Beyond the source: Hinton et al.'s bias correction for unseen classes, chosen on
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from . import data, losses, metrics, models, train, validate
@@ -261,11 +263,21 @@ def teacher_errors(teacher, mnist: Mnist, *, draws: int = TEACHER_DROPOUT_DRAWS,
     return out
 
 
+_BITS = torch.arange(8, dtype=torch.uint8)
+
+
+def half_mask(shape, device=None) -> torch.Tensor:
+    """Independent fair 0/1 coins (uint8), eight from each random byte: a whole epoch's dropout masks cost about
+    a quarter of torch's bernoulli or of one random byte per element."""
+    numel = math.prod(shape)
+    # random int64 words viewed as bytes: the generator's cost is per word, so this is 8x fewer calls than bytes
+    words = torch.randint(-2**63, 2**63 - 1, (-(-numel // 64),), dtype=torch.int64, device=device).view(torch.uint8)
+    return ((words[:, None] >> _BITS.to(words.device)) & 1).flatten()[:numel].view(shape)
+
+
 def dropout_half(h: torch.Tensor) -> torch.Tensor:
-    """TeacherMLP's F.dropout(h, 0.5) in distribution: each element kept with probability 1/2 and doubled.
-    A uint8 coin per element costs half of what torch's bernoulli dropout does on a whole epoch's activations."""
-    keep = torch.randint(0, 2, h.shape, dtype=torch.uint8, device=h.device)
-    return h * keep * 2.0
+    """TeacherMLP's F.dropout(h, 0.5) in distribution: each element kept with probability 1/2 and doubled."""
+    return h * half_mask(h.shape, h.device) * 2.0
 
 
 def teachers_for(mnist: Mnist, params: dict, *, device: str = "cpu", progress: bool = False) -> dict:
@@ -322,7 +334,10 @@ class TeacherTargets:
         t = self.teacher  # the rest of TeacherMLP.forward
         if not t.dropout_at_inference:
             return t.fc3(F.relu(t.fc2(self.h1)))
-        return t.fc3(dropout_half(F.relu(t.fc2(dropout_half(self.h1)))))
+        # dropout's doubling folded into the next layer's product: fc(2·(h·mask)) = b + 2·(h·mask)Wᵀ
+        h2 = F.relu(torch.addmm(t.fc2.bias, self.h1 * half_mask(self.h1.shape, self.h1.device), t.fc2.weight.t(),
+                                alpha=2.0))
+        return torch.addmm(t.fc3.bias, h2.mul_(half_mask(h2.shape, h2.device)), t.fc3.weight.t(), alpha=2.0)
 
     def for_epoch(self) -> torch.Tensor:
         return self.fixed if self.fixed is not None else self.draw()
@@ -347,6 +362,75 @@ def kd_loss(loader: DistillLoader, labels: torch.Tensor, *, temperature: float, 
         return losses.soft_target_kd(model(xb), loader.logits.index_select(0, idx), labels.index_select(0, idx),
                                      temperature=temperature, soft_weight=soft_weight)
     return loss_fn
+
+
+_FUSABLE = ([nn.Flatten, nn.Linear], [nn.Flatten, nn.Linear, nn.ReLU, nn.Linear])  # models.student_mlp's two kinds
+
+
+def sgd_kd_step(loader: DistillLoader, labels: torch.Tensor, *, temperature: float, soft_weight: float):
+    """step for kdnb.train.fit: kd_loss's objective and plain SGD's update, written out by hand.
+
+    The student is one or two small Linear layers, so a batch of 32 costs microseconds of arithmetic and most of
+    autograd's time is bookkeeping: the hand-written forward, gradient and in-place update take about a third of
+    autograd + SGD's time per batch (benchmarks/bench_01_mnist_epoch.py). d loss / d z = [soft_weight·T·(softmax(z/T)
+    − softmax(z_t/T)) + (1 − soft_weight)·(softmax(z) − onehot(y))] / B. Anything other than plain SGD (momentum,
+    weight decay, ...) or another model falls back to autograd with kd_loss, so the result never depends on which
+    path ran beyond float rounding (tests/test_unseen_classes.py compares them).
+    """
+    validate.temperature(temperature)
+    validate.unit_interval("soft_weight", soft_weight)
+    reference = kd_loss(loader, labels, temperature=temperature, soft_weight=soft_weight)
+    T, w = float(temperature), float(soft_weight)
+
+    def autograd_step(model, opt, xb, idx):
+        loss = reference(model, xb, idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fusable = {}  # id(model) -> its (weight, bias) tensors when the hand-written update applies
+
+    def plan(model, opt):
+        group = opt.param_groups[0]
+        plain_sgd = (isinstance(opt, torch.optim.SGD) and len(opt.param_groups) == 1 and group["momentum"] == 0
+                     and group["weight_decay"] == 0 and not group["maximize"])
+        if not (plain_sgd and isinstance(model, nn.Sequential) and [type(m) for m in model] in _FUSABLE):
+            return None
+        # .data: the update below is plain arithmetic on the values, outside autograd
+        return [t.data for m in model if isinstance(m, nn.Linear) for t in (m.weight, m.bias)]
+
+    def step(model, opt, xb, idx):
+        key = (id(model), id(opt))
+        if key not in fusable:
+            fusable[key] = plan(model, opt)
+        tensors = fusable[key]
+        if tensors is None or not torch.is_grad_enabled():
+            return autograd_step(model, opt, xb, idx)
+        lr = opt.param_groups[0]["lr"]
+        x = xb.flatten(1)
+        if len(tensors) == 4:
+            W1, b1, W2, b2 = tensors
+            h = torch.addmm(b1, x, W1.t()).clamp_(min=0)
+        else:
+            W2, b2 = tensors
+            h = x
+        z = torch.addmm(b2, h, W2.t())
+        y = labels.index_select(0, idx)
+        p_t = torch.softmax(loader.logits.index_select(0, idx) / T, dim=1)
+        log_p_soft, log_p = torch.log_softmax(z / T, dim=1), torch.log_softmax(z, dim=1)
+        n = len(y)
+        loss = (w * T * T * -(p_t * log_p_soft).sum() - (1 - w) * log_p.gather(1, y[:, None]).sum()) / n
+        g = log_p_soft.exp_().sub_(p_t).mul_(w * T).add_(log_p.exp_(), alpha=1 - w)
+        g.scatter_add_(1, y[:, None], torch.full((n, 1), w - 1, dtype=g.dtype, device=g.device)).div_(n)
+        if len(tensors) == 4:
+            dh = torch.ops.aten.threshold_backward(g @ W2, h, 0)  # ReLU's gradient; before W2 moves
+            W1.addmm_(dh.t(), x, alpha=-lr)
+            b1.sub_(dh.sum(0), alpha=lr)
+        W2.addmm_(g.t(), h, alpha=-lr)
+        b2.sub_(g.sum(0), alpha=lr)
+        return loss
+    return step
 
 
 # ---------------------------------------------------------------- student
@@ -415,6 +499,7 @@ def train_student(mnist: Mnist, teacher: models.TeacherMLP, *, kept_classes, see
     targets = TeacherTargets(teacher, sd.train.x)
     loader = DistillLoader(sd.train.x, targets, batch_size, seed=seed)
     res = train.fit(model, loader, kd_loss(loader, sd.train.y, temperature=temperature, soft_weight=soft_weight),
+                    step=sgd_kd_step(loader, sd.train.y, temperature=temperature, soft_weight=soft_weight),
                     epochs=epochs, optimizer="sgd", lr=lr, scheduler="plateau", scheduler_kwargs={"patience": 4},
                     evaluate=make_evaluate(sd.val.x, sd.val.y, val_loss=val_loss, seed=seed), monitor="val_loss",
                     es_patience=es_patience, select=SELECT[select], checkpoint=checkpoint, seed=seed, desc=desc,
@@ -677,4 +762,7 @@ def metrics_record(rows: list[dict], kept_classes) -> dict:
                         "per_class_std": std.loc[(variant, cell)].to_numpy().round(4).tolist(),
                         "seen_mean": s_mean, "unseen_mean": u_mean})
     history = [{"variant": r["variant"], "cell": r["cell"], "seed": r["seed"], "history": r["history"]} for r in rows]
-    return {"students": students, "summary": summary, "history": history}
+    # flat scalars per (variant, cell), so that kdnb sweep's summary table has columns to show
+    seen = {f"{r['variant']} {r['cell']}": r["seen_mean"] for r in summary}
+    unseen = {f"{r['variant']} {r['cell']}": r["unseen_mean"] for r in summary if r["unseen_mean"] is not None}
+    return {"students": students, "summary": summary, "history": history, "seen_mean": seen, "unseen_mean": unseen}

@@ -83,13 +83,17 @@ def test_held_out_classes_never_reach_the_student(monkeypatch):
     assert set(sd.train.y.tolist()) == set(KEPT) and set(sd.val.y.tolist()) <= set(KEPT)
     assert {6, 7, 8, 9} <= set(sd.bias_set.y.tolist())
     seen = []
-    real = uc.losses.soft_target_kd
+    real = uc.sgd_kd_step
 
-    def spy(student_logits, teacher_logits, target, **kw):
-        seen.append(target.clone())
-        return real(student_logits, teacher_logits, target, **kw)
+    def spy(loader, labels, **kw):   # every label of every batch the training step sees
+        step = real(loader, labels, **kw)
 
-    monkeypatch.setattr(uc.losses, "soft_target_kd", spy)
+        def spied(model, opt, xb, idx):
+            seen.append(labels.index_select(0, idx))
+            return step(model, opt, xb, idx)
+        return spied
+
+    monkeypatch.setattr(uc, "sgd_kd_step", spy)
     teacher = models.TeacherMLP(dropout_at_inference=True).eval()
     _, sd, res = _student(mnist, teacher, epochs=2)
     labels = torch.cat(seen)
@@ -162,6 +166,8 @@ def test_smoke_pipeline_reports_ten_classes_and_records_no_claim():
     assert uc.claim_values(params, rows) == {}                     # smoke: conditions (epochs, data) not met
     rec = uc.metrics_record(rows, KEPT)
     assert len(rec["summary"]) == 2 and len(rec["summary"][0]["per_class_mean"]) == 10
+    flat = {f"{s['variant']} {s['cell']}": s["unseen_mean"] for s in rec["summary"]}
+    assert rec["unseen_mean"] == flat and len(flat) == 2              # what kdnb sweep's summary shows
 
 
 def test_claims_need_their_conditions():
@@ -202,3 +208,53 @@ def test_interrupted_student_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert res.resumed_from == 1 and res.stopped_epoch == 3
     assert [h["val_loss"] for h in res.history] == [h["val_loss"] for h in ref_res.history]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+
+def _fused_vs_autograd(kind, optimizer_kwargs=None, epochs=2):
+    """Train the same student twice from the same seed: autograd + torch SGD on kd_loss, and sgd_kd_step."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(200, 1, 28, 28, generator=g), torch.randint(0, 6, (200,), generator=g)
+    teacher = models.TeacherMLP(dropout_at_inference=True).eval()
+    out = []
+    for fused in (False, True):
+        train.seed_everything(0)
+        model = models.student_mlp(kind)
+        loader = uc.DistillLoader(x, uc.TeacherTargets(teacher, x), 32, seed=0)
+        step = uc.sgd_kd_step(loader, y, temperature=4.0, soft_weight=0.7) if fused else None
+        res = train.fit(model, loader, uc.kd_loss(loader, y, temperature=4.0, soft_weight=0.7), epochs=epochs,
+                        optimizer="sgd", lr=0.5, optimizer_kwargs=optimizer_kwargs, progress=False, step=step)
+        out.append((model, [h["train_loss"] for h in res.history]))
+    return out
+
+
+@pytest.fixture
+def _float64():
+    # in float64 the two paths agree to rounding (1e-12); in float32 rounding alone grows to ~1e-5 at lr 0.5
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_hand_written_sgd_step_matches_autograd(kind, _float64):
+    (ref, ref_loss), (fused, fused_loss) = _fused_vs_autograd(kind)
+    # lr 0.5 so that two epochs move the weights far: a wrong gradient term would show at once
+    moved = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), models.student_mlp(kind).parameters()))
+    assert moved > 0.05
+    for a, b in zip(ref.parameters(), fused.parameters()):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(fused_loss, ref_loss, rtol=1e-10)
+
+
+def test_hand_written_step_falls_back_to_autograd_for_other_optimizers():
+    (ref, _), (fused, _) = _fused_vs_autograd("mlp", optimizer_kwargs={"momentum": 0.9}, epochs=1)
+    for a, b in zip(ref.parameters(), fused.parameters()):
+        assert torch.equal(a, b)        # momentum: the step took the autograd path, bit for bit
+
+
+def test_half_mask_is_fair_coins():
+    m = uc.half_mask((300, 513))
+    assert m.dtype == torch.uint8 and m.shape == (300, 513) and set(m.unique().tolist()) == {0, 1}
+    assert abs(m.float().mean().item() - 0.5) < 0.005
+    assert abs(m[:, 0].float().mean().item() - 0.5) < 0.1 and abs(m[0].float().mean().item() - 0.5) < 0.1
