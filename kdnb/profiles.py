@@ -12,6 +12,7 @@ from . import validate
 STUDY_MODULES = {
     "01_mnist_unseen_classes": "kdnb.unseen_classes",
     "05_self_distillation": "kdnb.self_distillation",
+    "03_dml_kd_calibration": "kdnb.dml_calibration",
     "02_voc_segmentation_kd": "kdnb.voc_segmentation",
     "04_emnist_mlp_student": "kdnb.emnist_student",
 }
