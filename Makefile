@@ -2,11 +2,14 @@
 #   make reproduce   create .venv, install, run every notebook (smoke profile, CPU, offline) into results/, rebuild the report
 #   make test        same set-up, then unit tests + nbval over the committed notebooks
 # Paper configurations: make reproduce PROFILE=full DEVICE=cuda KDNB_DATA=/path/to/data
+#   (downloads what is missing into the data folder; DOWNLOAD=False to forbid it)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= smoke
 DEVICE  ?= cpu
+# reduced/full may fetch what is missing (datasets, pretrained weights) through torchvision; smoke never does
+DOWNLOAD ?= $(if $(filter smoke,$(PROFILE)),False,True)
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 # two CPU threads is what CI has; more only slows small models down through contention
@@ -24,7 +27,7 @@ setup: $(VENV)/.installed
 
 reproduce: setup
 	@for nb in $(NOTEBOOKS); do \
-	  $(BIN)/kdnb run $$nb --profile $(PROFILE) --device $(DEVICE) || exit 1; \
+	  $(BIN)/kdnb run $$nb --profile $(PROFILE) --device $(DEVICE) -p download $(DOWNLOAD) || exit 1; \
 	done
 	$(BIN)/kdnb report
 
