@@ -526,22 +526,24 @@ def summary_table(rows: list[dict]):
 # ---------------------------------------------------------------- claims C1 and C2: verdicts from our numbers
 
 C1_ACC_GAP = 0.02    # "does not reach high accuracy": >= 2 points below the supervised baseline
-C1_DROP = 0.05       # "unstable": a drop of >= 5 points between consecutive checks after the first epoch ...
+C1_DROP = 0.05       # "unstable": a drop of >= 5 points between consecutive checks in the second half of training
 C1_SAME = 0.02       # "DML ~ DML_e": final accuracies within 2 points
 
 
-def max_check_drop(checks: list[dict]) -> float:
-    """Largest fall of validation accuracy between consecutive checks after the first epoch (0 if none)."""
-    acc = [c["val_acc"] for c in checks if c["epoch"] > 1.0]
+def max_check_drop(checks: list[dict], after_epoch: float) -> float:
+    """Largest fall of validation accuracy between consecutive checks after `after_epoch` (0 if none). The notebook
+    takes the second half of training: around OneCycle's peak learning rate every run, the baseline included, can
+    drop sharply (the reduced baseline fell 0.71 -> 0.50 at the start of epoch 2), which says nothing about DML."""
+    acc = [c["val_acc"] for c in checks if c["epoch"] > after_epoch]
     return max([0.0] + [a - b for a, b in zip(acc[:-1], acc[1:])])
 
 
-def c1_verdict(results_by_seed: dict, summary) -> dict:
+def c1_verdict(results_by_seed: dict, summary, *, after_epoch: float) -> dict:
     """C1 for the faithful cohorts (dml, dml_e: C-Q11 as flagged) and the corrected ones. Three parts: DML final
-    test accuracy >= 2 points under the baseline; unstable (a check-to-check drop >= 5 points and twice the
-    baseline's); DML and DML_e within 2 points. supported = all three, not supported = none, else mixed."""
+    test accuracy >= 2 points under the baseline; unstable (a check-to-check drop after `after_epoch` of >= 5 points
+    and >= twice the baseline's); DML and DML_e within 2 points. supported = all, not supported = none, else mixed."""
     def drop(name):
-        return float(np.mean([max(max_check_drop(m["checks"]) for m in r[name]["members"])
+        return float(np.mean([max(max_check_drop(m["checks"], after_epoch) for m in r[name]["members"])
                               for r in results_by_seed.values()]))
 
     out, lines = {}, []

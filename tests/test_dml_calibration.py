@@ -188,8 +188,29 @@ def test_c1_verdict_rules():
                    "dml_e": {"members": [member([0.50, 0.70, 0.56])]},
                    "dml_corrected": {"members": [member([0.80, 0.84, 0.86])]}}}
     summary = pd.DataFrame({"final_acc": {"baseline": 0.86, "dml": 0.55, "dml_e": 0.56, "dml_corrected": 0.86}})
-    out = dc.c1_verdict(results, summary)["by_setting"]
+    out = dc.c1_verdict(results, summary, after_epoch=1.5)["by_setting"]
     assert out["with C-Q11"]["verdict"] == "supported"
     assert out["with C-Q11"]["values"][3] == pytest.approx(0.15)
     assert out["without C-Q11"]["verdict"] == "not supported"
     assert set(out["without C-Q11"]["parts"]) == {"low accuracy", "unstable"}  # dml_e_corrected not run
+    # the first half of training does not count: a baseline dip there changes nothing
+    results[0]["baseline"]["members"][0]["checks"].insert(0, {"epoch": 0.5, "val_acc": 0.95})
+    assert dc.c1_verdict(results, summary, after_epoch=1.5)["by_setting"]["with C-Q11"]["verdict"] == "supported"
+    # but a late one does: twice the baseline's late drop is then required
+    results[0]["baseline"]["members"][0]["checks"].append({"epoch": 4.0, "val_acc": 0.70})
+    late = dc.c1_verdict(results, summary, after_epoch=1.5)["by_setting"]["with C-Q11"]
+    assert late["parts"]["unstable"] is False and late["verdict"] == "mixed"
+
+
+def test_alternating_dml_and_cross_quality_paths_run_and_differ():
+    fm = tiny_fmnist()
+    sim = dc.train_algorithm("dml_corrected", fm, params(num_students=2), seed=0, progress=False)
+    alt = dc.train_algorithm("dml_corrected", fm, params(num_students=2, dml_update="alternating"), seed=0, progress=False)
+    # student 0 is updated first in both orders; student 1 sees student 0's updated logits only when alternating
+    assert not torch.equal(sim["members"][1]["test_logits"], alt["members"][1]["test_logits"])
+    teacher = dc.build_model("resnet18", 7, "cpu").eval().requires_grad_(False)
+    low = dc.train_algorithm("crossq", fm, params(), seed=0, size=14, teacher=teacher, progress=False)
+    full = dc.train_algorithm("crossq", fm, params(teacher_sees_full_res=True), seed=0, size=14, teacher=teacher,
+                              progress=False)
+    assert low["size"] == 14 and low["members"][0]["test_logits"].shape == (40, 10)
+    assert not torch.equal(low["members"][0]["test_logits"], full["members"][0]["test_logits"])  # C-Q5 matters
