@@ -60,7 +60,7 @@ PROFILES = {
     "smoke": dict(_COMMON, seeds=[42], data_source="sample", train_per_class=16, holdout_per_class=5, val_size=100,
                   epochs=1, teacher_epochs=1, batch_size=8, val_every=None, downscale_sizes=[14], num_students=2),
     # real FMNIST, class-balanced 3,000 train (+ 1,000 held out for temperature scaling), the full 10k test set,
-    # 3 epochs at batch 64 (141 steps), validation on 500 test images 3x per epoch: about 45 min on one CPU core.
+    # 3 epochs at batch 64 (141 steps), validation on 500 test images 3x per epoch: 15-33 min per seed on one shared core.
     # dml_e_corrected is left out: with dml_e_apply_softmax=False its gradient equals dml_corrected's (KL's
     # gradient in the student logits is softmax(z) - target, linear in the target; tested)
     "reduced": dict(_COMMON, seeds=[42], data_source="real", train_per_class=300, holdout_per_class=100,
