@@ -95,16 +95,11 @@ def main():
 
         def step(xb, yb):
             xs = dc._to_model_layout(dc.resize(xb, size))
-            with dc._amp(device):
-                t_logits = teacher(xs).float() if algo in dc.TEACHER_ALGOS else None
-                zs = [m(xs).float() for m in students]
-            ls = [dc._loss(algo, z, yb, p, peers=[zs[j] for j in range(k) if j != i], teacher_logits=t_logits)
-                  for i, z in enumerate(zs)]
-            for o in opts:
-                o.zero_grad(set_to_none=True)
-            sum(ls).backward()
-            for o in opts:
-                o.step()
+            t_logits = None
+            if algo in dc.TEACHER_ALGOS:
+                with torch.no_grad(), dc._amp(device):
+                    t_logits = teacher(xs).float()
+            dc.joint_step(algo, students, opts, xs, yb, p, teacher_logits=t_logits, device=device)
 
         step(*next(ours()))  # warm-up
         a, b = timed(theirs(), step), timed(ours(), step)

@@ -84,12 +84,7 @@ def check(*, algorithms, data_source, train_per_class, holdout_per_class, val_si
           dml_students_stuck_in_eval, dml_e_apply_softmax, dml_update, shuffle, randaugment, n_bins,
           downscale_sizes, **_):
     """Every study parameter of notebook 03, before any data is read."""
-    if not isinstance(algorithms, (list, tuple)) or not algorithms:
-        validate.fail("algorithms", algorithms, f"must be a non-empty list of {list(ALGORITHMS)}")
-    for a in algorithms:
-        validate.choice("algorithms", a, ALGORITHMS)
-    if len(set(algorithms)) != len(algorithms):
-        validate.fail("algorithms", algorithms, "must not repeat")
+    validate.choices("algorithms", algorithms, ALGORITHMS)
     validate.choice("data_source", data_source, DATA_SOURCES)
     if train_per_class is not None:
         validate.positive_int("train_per_class", train_per_class)
@@ -347,17 +342,7 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
                         opts[i].step()
                         outs.append((z.detach(), loss.detach()))
                 else:
-                    with _amp(device):
-                        zs = [m(x).float() for m in students]
-                    ls = [_loss(algo, z, yb, p, peers=[zs[j] for j in range(n) if j != i], teacher_logits=t_logits)
-                          for i, z in enumerate(zs)]
-                    for o in opts:
-                        o.zero_grad(set_to_none=True)
-                    # peers are detached inside the losses, so one backward of the sum = each student's own gradient
-                    sum(ls).backward()
-                    for o in opts:
-                        o.step()
-                    outs = [(z.detach(), l.detach()) for z, l in zip(zs, ls)]
+                    outs = joint_step(algo, students, opts, x, yb, p, teacher_logits=t_logits, device=device)
                 for s in scheds:
                     s.step()
                 if b % lf == 0:  # ClassifierMetrics on the (augmented) training batch, logged every log_freq
@@ -406,6 +391,23 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
     if checkpoint:
         train.atomic_save({"done": True, "result": result}, checkpoint)
     return dict(result, models=students) if keep_models else result
+
+
+def joint_step(algo, students, opts, x, y, p, *, teacher_logits=None, device: str = "cpu"):
+    """One update of every student on batch x from the same forward pass (the source's simultaneous DML update;
+    a cohort of one for the other algorithms). Returns [(logits, loss)] detached, one per student."""
+    with _amp(device):
+        zs = [m(x).float() for m in students]
+    n = len(zs)
+    ls = [_loss(algo, z, y, p, peers=[zs[j] for j in range(n) if j != i], teacher_logits=teacher_logits)
+          for i, z in enumerate(zs)]
+    for o in opts:
+        o.zero_grad(set_to_none=True)
+    # peers are detached inside the losses, so one backward of the sum = each student's own gradient
+    sum(ls).backward()
+    for o in opts:
+        o.step()
+    return [(z.detach(), l.detach()) for z, l in zip(zs, ls)]
 
 
 def _loss(algo, z, y, p, *, peers=(), teacher_logits=None):

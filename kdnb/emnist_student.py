@@ -25,7 +25,6 @@ recorded) is what `kdnb sweep` reruns; D-Q5 (Keras vs torch defaults) is this mo
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -58,10 +58,7 @@ def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, va
     validate.positive("lr", lr)
     if isinstance(reg_coef, bool) or not isinstance(reg_coef, (int, float)) or reg_coef < 0:
         validate.fail("reg_coef", reg_coef, "must be a number >= 0")
-    if not isinstance(variants, (list, tuple)) or not variants:
-        validate.fail("variants", variants, f"must be a non-empty list of {list(VARIANTS)}")
-    for v in variants:
-        validate.choice("variants", v, VARIANTS)
+    validate.choices("variants", variants, VARIANTS)
     validate.choice("arch", arch, models.RESNETS)
 
 

@@ -107,12 +107,7 @@ def check(*, kept_classes, temperature, soft_weight, lr, epochs, batch_size, es_
     validate.positive_int("es_patience", es_patience)
     validate.choice("select", select, SELECT)
     validate.choice("student", student, STUDENTS)
-    if not isinstance(variants, (list, tuple)) or not variants:
-        validate.fail("variants", variants, f"must be a non-empty list of names from {list(VARIANTS)}")
-    for v in variants:
-        validate.choice("variants", v, VARIANTS)
-    if len(set(variants)) != len(variants):
-        validate.fail("variants", variants, "names must not repeat")
+    validate.choices("variants", variants, VARIANTS)
     validate.positive_int("teacher_epochs", teacher_epochs)
     validate.positive("teacher_lr", teacher_lr)
     validate.non_negative_int("teacher_seed", teacher_seed)

@@ -71,6 +71,17 @@ def device(value: Any) -> str:
     fail("device", value, "use 'cpu', 'cuda', 'cuda:N' or 'auto'")
 
 
+def choices(name: str, value: Any, allowed) -> list:
+    """A non-empty list of distinct names, each one of `allowed` (which algorithms, variants, students to run)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        fail(name, value, f"must be a non-empty list of {list(allowed)}")
+    for v in value:
+        choice(name, v, allowed)
+    if len(set(value)) != len(value):
+        fail(name, value, "entries must not repeat")
+    return list(value)
+
+
 def classes(name: str, value: Any, num_classes: int) -> list[int]:
     """A non-empty list of distinct class indices in [0, num_classes)."""
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):

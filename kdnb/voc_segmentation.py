@@ -97,13 +97,8 @@ def check(*, data_source, image_size, epochs, batch_size, test_batch_size, lr, w
     validate.unit_interval("alpha_response", alpha_response)
     validate.unit_interval("alpha_feature", alpha_feature)
     validate.non_negative_int("num_workers", num_workers)
-    for name, value, allowed in (("variants", variants, VARIANTS), ("students", students, STUDENTS)):
-        if not isinstance(value, (list, tuple)) or not value:
-            validate.fail(name, value, f"must be a non-empty list of {list(allowed)}")
-        for v in value:
-            validate.choice(name, v, allowed)
-        if len(set(value)) != len(value):
-            validate.fail(name, value, "entries must not repeat")
+    validate.choices("variants", variants, VARIANTS)
+    validate.choices("students", students, STUDENTS)
     if bf16 is not None and not isinstance(bf16, bool):
         validate.fail("bf16", bf16, "use None (bf16 autocast on CUDA only), True or False")
 

@@ -54,3 +54,12 @@ def test_good_values_pass_through():
     assert validate.unit_interval("alpha", 0) == 0
     assert validate.seeds(3) == [3]
     assert validate.device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("value,why", [([], "non-empty"), ("a", "non-empty list"), (["a", "a"], "repeat"),
+                                       (["a", "c"], "'c'")])
+def test_choices_names_the_parameter_and_what_is_allowed(value, why):
+    with pytest.raises(ValueError, match="variants") as e:
+        validate.choices("variants", value, ("a", "b"))
+    assert why in str(e.value)
+    assert validate.choices("variants", ("b", "a"), ("a", "b")) == ["b", "a"]
