@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make reproduce   create .venv, install, run every notebook (smoke profile, CPU, offline) into results/, rebuild the report
 #   make test        same set-up, then unit tests + nbval over the committed notebooks
+# The environment is pinned in requirements.lock; `make lock` re-resolves it, `make notebooks` re-executes the
+# committed smoke notebooks (do both together, then `make test`, and commit all of it).
 # Paper configurations: make reproduce PROFILE=full DEVICE=cuda KDNB_DATA=/path/to/data
 #   (downloads what is missing into the data folder; DOWNLOAD=False to forbid it)
 PYTHON ?= python3
@@ -14,12 +16,17 @@ NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 # two CPU threads is what CI has; more only slows small models down through contention
 export OMP_NUM_THREADS ?= 2
+# libgomp's default spin-wait collapses under any other load on the machine (25x slower on 2 busy cores); passive
+# waiting costs nothing measurable when the machine is quiet
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: setup reproduce test report clean-smoke
+.PHONY: setup reproduce test report clean-smoke lock notebooks
 
-$(VENV)/.installed: pyproject.toml
+# exact versions from the lock, then kdnb itself without re-resolving anything
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -43,3 +50,18 @@ test: setup
 
 clean-smoke:
 	rm -rf results/*/smoke-*
+
+# re-resolve pyproject.toml's version ranges in a throw-away venv and write every installed version to the lock
+# LOCK_CAPS: the highest torch/torchvision some of our machines' pip configuration allows; the lock must install there
+LOCK_CAPS ?= "torch<=2.14.1" "torchvision<=0.29.1"
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q -e . $(LOCK_CAPS)
+	{ sed -n '/^#/p' requirements.lock; .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^kdnb'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
+
+# re-execute the committed notebooks in place with their defaults (smoke, CPU): after a lock or code change
+notebooks: setup
+	@for nb in $(NOTEBOOKS); do \
+	  echo "$$nb"; $(BIN)/papermill -q --cwd notebooks $$nb $$nb || exit 1; \
+	done

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import validate
+from . import numerics, validate
 
 DATASETS = ("mnist", "fashion_mnist", "emnist_letters", "cifar10", "voc2012")
 SOURCES = ("sample", "real", "subset")
@@ -245,7 +245,7 @@ def to_float(x: torch.Tensor, *, mean: Sequence[float] | None = None, std: Seque
     """uint8 [N,H,W] or [N,H,W,C] -> float [N,C,H,W] in [0,1] (ToTensor semantics), optionally normalised."""
     x = x.to(device)
     x = x.unsqueeze(1) if x.ndim == 3 else (x.permute(0, 3, 1, 2) if channels_first else x)
-    x = x.float().div_(255.0)
+    x = numerics.cast(x).div_(255.0)
     if mean is not None:
         m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

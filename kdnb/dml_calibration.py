@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, train, validate
+from . import data, losses, metrics, models, numerics, train, validate
 
 NUM_CLASSES = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # the source's single-value Normalize, broadcast to 3 channels
@@ -139,7 +139,7 @@ class Fmnist:
 
 def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
     """Grayscale(3) -> ToTensor -> Normalize((0.2860,), (0.3530,)) on uint8 [N,1,H,W]."""
-    x = (x_uint8.float() / 255.0 - FMNIST_MEAN) / FMNIST_STD
+    x = (numerics.cast(x_uint8) / 255.0 - FMNIST_MEAN) / FMNIST_STD
     return x.expand(-1, 3, -1, -1).contiguous()
 
 
@@ -210,7 +210,7 @@ def logits_of(model, x: torch.Tensor, *, batch_size: int = 1000, restore_mode: b
     was = model.training
     model.eval()
     with _amp(x.device.type):
-        out = torch.cat([model(_to_model_layout(x[i:i + batch_size])).float() for i in range(0, len(x), batch_size)])
+        out = torch.cat([numerics.cast(model(_to_model_layout(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)])
     if restore_mode:
         model.train(was)
     return out.cpu()
@@ -328,14 +328,14 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
                 if teacher is not None:
                     x_t = x_full if p["teacher_sees_full_res"] else resize(x_full, size)
                     with torch.no_grad(), _amp(device):
-                        t_logits = teacher(_to_model_layout(x_t)).float()
+                        t_logits = numerics.cast(teacher(_to_model_layout(x_t)))
                 if dml and p["dml_update"] == "alternating":
                     outs = []
                     for i, m in enumerate(students):  # Zhang et al.: peers re-predicted after each update
                         with _amp(device):
-                            z = m(x).float()
+                            z = numerics.cast(m(x))
                             with torch.no_grad():
-                                peers = [students[j](x).float() for j in range(n) if j != i]
+                                peers = [numerics.cast(students[j](x)) for j in range(n) if j != i]
                         loss = _loss(algo, z, yb, p, peers=peers)
                         opts[i].zero_grad(set_to_none=True)
                         loss.backward()
@@ -350,7 +350,7 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
                     v = losses.tfkd_virtual_targets(yc, NUM_CLASSES, temperature=1.0, correct_prob=0.9,
                                                     smooth_teacher=False)
                     for i, (z, l) in enumerate(outs):
-                        z = z.float().cpu()
+                        z = numerics.cast(z).cpu()
                         pz = z.double().softmax(1)
                         state["history"][i].append({
                             "step": step, "epoch": epoch + b / nb, "loss": l.item(), "train_acc": metrics.accuracy(z, yc),
@@ -397,7 +397,7 @@ def joint_step(algo, students, opts, x, y, p, *, teacher_logits=None, device: st
     """One update of every student on batch x from the same forward pass (the source's simultaneous DML update;
     a cohort of one for the other algorithms). Returns [(logits, loss)] detached, one per student."""
     with _amp(device):
-        zs = [m(x).float() for m in students]
+        zs = [numerics.cast(m(x)) for m in students]
     n = len(zs)
     ls = [_loss(algo, z, y, p, peers=[zs[j] for j in range(n) if j != i], teacher_logits=teacher_logits)
           for i, z in enumerate(zs)]
@@ -437,7 +437,7 @@ def teacher_config(p: dict, fm: Fmnist, seed: int) -> dict:
             "weight_decay": p["weight_decay"], "seed": seed, "data_source": p["data_source"],
             "n_train": len(fm.train_y), "train_per_class": p["train_per_class"],
             "holdout_per_class": p["holdout_per_class"], "val_size": fm.val_n, "val_every": p["val_every"],
-            "randaugment": p["randaugment"], "shuffle": p["shuffle"]}
+            "randaugment": p["randaugment"], "shuffle": p["shuffle"], **numerics.cache_key()}
 
 
 def get_teacher(fm: Fmnist, p: dict, *, seed: int, device: str = "cpu", checkpoint=None):

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, models, runs, train, validate
+from . import data, losses, models, numerics, runs, train, validate
 
 NOTEBOOK = "04_emnist_mlp_student"
 DATASETS = ("emnist_letters", "mnist", "fashion_mnist")
@@ -195,8 +195,8 @@ def keras_ce(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
 
 def kd_targets(y: torch.Tensor, teacher_logits: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """The source's targets: [onehot(y) | teacher logits] side by side (one-hot only without a teacher)."""
-    onehot = F.one_hot(y.long(), num_classes).float()
-    return onehot if teacher_logits is None else torch.cat([onehot, teacher_logits.float()], 1)
+    onehot = numerics.cast(F.one_hot(y.long(), num_classes))
+    return onehot if teacher_logits is None else torch.cat([onehot, numerics.cast(teacher_logits)], 1)
 
 
 def make_loss(num_classes: int, *, temperature: float | None = None, lam: float | None = None,
@@ -247,7 +247,8 @@ def teacher_config(d: Data, *, epochs: int, batch_size: int, seed: int) -> dict:
     return {"version": CACHE_VERSION, "arch": "cnn_64_128_1024", "dataset": d.dataset, "source": d.source,
             "train": images_hash(d.train_x), "val": images_hash(d.val_x), "validation": d.validation,
             "n_train": len(d.train_y), "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
-            "adadelta": dict(ADADELTA, lr=ADADELTA_LR), "es_patience": ES_PATIENCE, "plateau": LR_PLATEAU}
+            "adadelta": dict(ADADELTA, lr=ADADELTA_LR), "es_patience": ES_PATIENCE, "plateau": LR_PLATEAU,
+            **numerics.cache_key()}
 
 
 def cache_folder() -> Path:

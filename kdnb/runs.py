@@ -111,12 +111,21 @@ def git_commit() -> str | None:
         return None
 
 
+LOCK = REPO / "requirements.lock"
+
+
+def lock_hash() -> str | None:
+    """sha256 (first 16 hex digits) of the pinned environment the run was installed from, if this is a checkout."""
+    return hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else None
+
+
 def environment(device: str = "cpu") -> dict:
     import numpy
     import torch
     import torchvision
 
-    env = {"python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
+    env = {"lock_sha256": lock_hash(), "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+           "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
            "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
            "cpu_threads": torch.get_num_threads(), "device": device, "git_commit": git_commit()}
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -136,6 +145,10 @@ class Run:
         self.claims: dict[str, dict] = {}
         self.figures: list[str] = []
         self.started = time.time()
+        from . import numerics
+
+        # smoke on CPU: float64 on one thread, so the printed numbers are the same on any x86-64 CPU
+        numerics.configure(self.params.get("profile", "smoke"), device)
         # taken at the start: the code that ran is the commit checked out when the run began
         self.environment = environment(device)
         if self.dir is not None:

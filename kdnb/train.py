@@ -39,14 +39,6 @@ def seed_everything(seed: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def smoke_threads(profile: str, device: str) -> None:
-    """One torch thread for a smoke run on CPU. nbval compares a smoke run's printed numbers with the committed ones:
-    with one thread the floating-point sums, hence the few-step models' borderline predictions, do not depend on
-    the machine's core count (CI has 2 cores, a laptop more)."""
-    if profile == "smoke" and device == "cpu":
-        torch.set_num_threads(1)
-
-
 def make_optimizer(name: str, params, lr: float, **kwargs) -> torch.optim.Optimizer:
     validate.choice("optimizer", name, OPTIMIZERS)
     validate.positive("lr", lr)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, train, validate
+from . import data, losses, metrics, models, numerics, train, validate
 
 NUM_CLASSES = 10
 VARIANTS = {
@@ -160,7 +160,7 @@ def load_mnist(source: str, *, data_dir=None, device: str = "cpu", download: boo
     tr = data.load("mnist", "train", source=source, data_dir=data_dir, download=download)
     te = data.load("mnist", "test", source=source, data_dir=data_dir, download=download)
     return Mnist(data.to_float(tr.x, device=device), tr.y.to(device), data.to_float(te.x, device=device),
-                 te.x.to(device).unsqueeze(1).float(), te.y.to(device), source)
+                 numerics.cast(te.x.to(device).unsqueeze(1)), te.y.to(device), source)
 
 
 def _split(x, y) -> data.Split:
@@ -186,7 +186,8 @@ def teacher_config(mnist: Mnist, *, teacher_source: str, dropout_at_inference: b
             # the teacher validates itself in eval mode, so this flag changes its early stopping and selection
             "dropout_at_inference": bool(dropout_at_inference), "seed": int(seed), "epochs": int(epochs),
             "lr": float(lr), "batch_size": TEACHER_BATCH, "plateau": TEACHER_PLATEAU, "es_patience": TEACHER_ES,
-            "heldout_size": int(heldout_size) if teacher_source == "train_on_train" else None}
+            "heldout_size": int(heldout_size) if teacher_source == "train_on_train" else None,
+            **numerics.cache_key()}
 
 
 def teacher_path(config: dict) -> Path:

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, samples, train, validate
+from . import data, losses, metrics, models, numerics, samples, train, validate
 
 NUM_CLASSES = 21
 VOID = 255
@@ -462,7 +462,7 @@ def evaluate(model: nn.Module, split: data.Split, *, batch_size: int, device="cp
         with _autocast(device, bf16):
             out = model(xb)
         unsync += time.perf_counter() - t0
-        logits = logits_of(out).float()
+        logits = numerics.cast(logits_of(out))
         loss_sum += F.cross_entropy(logits, yb, ignore_index=VOID).item() * len(yb) if (yb != VOID).any() else 0.0
         preds = logits.argmax(1)
         conf += metrics.confusion_matrix(preds, yb, NUM_CLASSES, ignore_index=VOID)
@@ -539,14 +539,14 @@ def make_loss(student: str, *, teacher: nn.Module | None = None, hooks: models.F
                 with torch.no_grad():
                     t_logits = logits_of(teacher(xb))
             s_logits, s_feats = model(xb)
-        s_logits = s_logits.float()
+        s_logits = numerics.cast(s_logits)
         if student in ("plain", "control"):
             return F.cross_entropy(s_logits, yb, ignore_index=VOID)
         if student == "response":
-            return losses.response_kd_segmentation(s_logits, t_logits.float(), yb, temperature=temperature,
+            return losses.response_kd_segmentation(s_logits, numerics.cast(t_logits), yb, temperature=temperature,
                                                    alpha=alpha_response, kd_reduction=kd_reduction, ignore_index=VOID)
-        t_feats = [f.float() for f in hooks.outputs]
-        return losses.feature_kd_segmentation(s_logits, yb, [f.float() for f in s_feats], t_feats, model.align_layers,
+        t_feats = [numerics.cast(f) for f in hooks.outputs]
+        return losses.feature_kd_segmentation(s_logits, yb, [numerics.cast(f) for f in s_feats], t_feats, model.align_layers,
                                               alpha=alpha_feature, ignore_index=VOID)
 
     return loss_fn

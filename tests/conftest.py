@@ -21,3 +21,14 @@ def real_data_root(*required: str) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # generated and decompressed files go to a per-session temp folder, never the user's cache
     monkeypatch.setenv("KDNB_CACHE", str(tmp_path_factory.getbasetemp() / "kdnb-cache"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_numerics():
+    # runs.Run switches a smoke run on CPU to float64 on one thread (kdnb.numerics): never leak it into other tests
+    import torch
+
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)

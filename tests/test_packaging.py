@@ -11,19 +11,50 @@ def _names(reqs):
     return {re.split(r"[\s<>=!\[;]", r)[0].lower().replace("_", "-") for r in reqs}
 
 
-def test_environment_yml_names_the_same_packages_as_pyproject():
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+def _lock() -> dict:
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"requirements.lock: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def _version(v: str) -> tuple:
+    return tuple(int(x) for x in re.match(r"[\d.]+", v).group(0).rstrip(".").split("."))
+
+
+def test_lock_pins_every_dependency_exactly_within_the_caps():
+    deps = _names(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    pins = _lock()
+    assert deps <= set(pins), f"not pinned in requirements.lock: {sorted(deps - set(pins))}"
+    # what decides numbers and notebook outputs, indirect ones included
+    assert {"nbclient", "jupyter-client", "ipykernel", "pillow", "nbformat"} <= set(pins)
+    # some of our machines' pip configuration caps torch at 2.14.1 and torchvision at 0.29.1: the lock must install there
+    assert _version(pins["torch"]) <= (2, 14, 1) and _version(pins["torchvision"]) <= (0, 29, 1)
+
+
+def test_environment_yml_and_makefile_install_from_the_lock():
     env = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
-    conda = [d for d in env if isinstance(d, str)]
     pip = next(d["pip"] for d in env if isinstance(d, dict))
-    names = _names(conda) | _names(p for p in pip if not p.startswith("-e"))
-    names = {"torch" if n == "pytorch" else n for n in names} - {"python", "pip"}
-    assert names == _names(deps)
+    assert "-r requirements.lock" in pip
+    assert not [d for d in env if isinstance(d, str) and d.split("=")[0] not in ("python", "pip")]
+    make = (REPO / "Makefile").read_text()
+    assert "pip install -q -r requirements.lock" in make and "--no-deps -e ." in make
+
+
+def test_run_records_carry_the_lock_hash():
+    import hashlib
+
+    from kdnb import runs
+
+    assert runs.environment()["lock_sha256"] == hashlib.sha256((REPO / "requirements.lock").read_bytes()).hexdigest()[:16]
 
 
 def test_top_level_layout():
     expected = {"notebooks", "kdnb", "papers", "results", "environment.yml", "tests", "README.md",
-                "pyproject.toml", "Makefile", ".ci", "benchmarks"}
+                "pyproject.toml", "Makefile", ".ci", "benchmarks", "requirements.lock"}
     present = {p.name for p in REPO.iterdir() if not p.name.startswith(".") or p.name == ".ci"}
     present = {p for p in present if not p.endswith(".egg-info")} - {"__pycache__", "data"}
     assert expected <= present and present - expected == set(), present - expected
