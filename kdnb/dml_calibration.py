@@ -25,12 +25,13 @@ C-Q3 (train-batch ECE) and C-Q4 (test set as validation, max over checks) are re
 numbers; C-Q7 (crashes, wandb) and the log_freq = 0 crash are fixed; C-Q8 (teacher not detached) is
 numerically irrelevant for the student and not reproduced (the teacher runs under no_grad).
 Validation accuracy during training is the mean of per-batch accuracies (C.4), on `val_size` test images.
+precision: 'fp32' (the source) or 'bf16' (autocast on CPU or CUDA + channels_last for every forward pass; losses,
+metrics and the optimiser stay fp32); `full` defaults to bf16, what it always did on CUDA; never in smoke.
 """
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -56,20 +57,24 @@ _COMMON = dict(lr=1e-3, weight_decay=0.01, distil_weight=0.5, temperature=10.0, 
                shuffle=False, randaugment="per_sample", n_bins=15, algorithms=list(ALGORITHMS))
 PROFILES = {
     # shipped 2,000/500 FMNIST sample: 160 train images, batch 8 (20 batches: OneCycle needs > 10), 1 epoch, cohorts
-    # of 2: the pipeline, not a result
-    "smoke": dict(_COMMON, seeds=[42], data_source="sample", train_per_class=16, holdout_per_class=5, val_size=100,
-                  epochs=1, teacher_epochs=1, batch_size=8, val_every=None, downscale_sizes=[14], num_students=2),
+    # of 2: the pipeline, not a result. A ResNet-18 teacher: a ResNet-50's 20 steps at batch 8 are chaotic (from
+    # step 4 on its losses differ between CPU kernels even in float64), so nbval could not regenerate them elsewhere
+    "smoke": dict(_COMMON, seeds=[42], data_source="sample", train_per_class=16, holdout_per_class=5, val_size=32,
+                  epochs=1, teacher_epochs=1, batch_size=8, val_every=None, downscale_sizes=[14], num_students=2,
+                  teacher_arch="resnet18", precision="fp32"),
     # real FMNIST, class-balanced 3,000 train (+ 1,000 held out for temperature scaling), the full 10k test set,
     # 3 epochs at batch 64 (141 steps), validation on 500 test images 3x per epoch: 15-33 min per seed on one shared core.
     # dml_e_corrected is left out: with dml_e_apply_softmax=False its gradient equals dml_corrected's (KL's
     # gradient in the student logits is softmax(z) - target, linear in the target; tested)
     "reduced": dict(_COMMON, seeds=[42], data_source="real", train_per_class=300, holdout_per_class=100,
                     val_size=500, epochs=3, teacher_epochs=3, batch_size=64, val_every=16, downscale_sizes=[14],
-                    algorithms=[a for a in ALGORITHMS if a != "dml_e_corrected"]),
+                    algorithms=[a for a in ALGORITHMS if a != "dml_e_corrected"], precision="fp32"),
     # the source's main.py: all 60k (less 5k held out for temperature scaling; holdout_per_class=0 trains on all
-    # 60k and skips it), 10 epochs, batch 1024, validation on the whole test set every 2*log_freq batches
+    # 60k and skips it), 10 epochs, batch 1024, validation on the whole test set every 2*log_freq batches. bf16
+    # autocast + channels_last (the source computed in fp32): what full runs on CUDA always did before `precision`
     "full": dict(_COMMON, seeds=[42], data_source="real", train_per_class=None, holdout_per_class=500, val_size=None,
-                 epochs=10, teacher_epochs=10, batch_size=1024, val_every=None, downscale_sizes=[7, 14, 21]),
+                 epochs=10, teacher_epochs=10, batch_size=1024, val_every=None, downscale_sizes=[7, 14, 21],
+                 precision="bf16"),
 }
 
 
@@ -82,8 +87,9 @@ def check(*, algorithms, data_source, train_per_class, holdout_per_class, val_si
           val_every, lr, weight_decay, distil_weight, temperature, tfkd_temperature, tfkd_smooth_temperature,
           correct_prob, num_students, student_arch, teacher_arch, teacher_init, teacher_sees_full_res,
           dml_students_stuck_in_eval, dml_e_apply_softmax, dml_update, shuffle, randaugment, n_bins,
-          downscale_sizes, **_):
+          downscale_sizes, precision="fp32", profile=None, **_):
     """Every study parameter of notebook 03, before any data is read."""
+    numerics.check_precision(precision, profile)
     validate.choices("algorithms", algorithms, ALGORITHMS)
     validate.choice("data_source", data_source, DATA_SOURCES)
     if train_per_class is not None:
@@ -94,6 +100,15 @@ def check(*, algorithms, data_source, train_per_class, holdout_per_class, val_si
     for name, v in (("epochs", epochs), ("teacher_epochs", teacher_epochs), ("batch_size", batch_size),
                     ("n_bins", n_bins)):
         validate.positive_int(name, v)
+    n = data.sizes("fashion_mnist", data_source)
+    src = f"data_source={data_source!r}"
+    data.at_most("holdout_per_class", holdout_per_class, n["train_per_class"] - 1,
+                 f"{n['train_per_class']} training images per class in {src}, less one to train on")
+    data.at_most("train_per_class", train_per_class, n["train_per_class"] - holdout_per_class,
+                 f"{n['train_per_class']} images per class in {src} less holdout_per_class={holdout_per_class}")
+    data.at_most("val_size", val_size, n["test"], f"the {n['test']} test images of {src}")
+    n_train = NUM_CLASSES * (train_per_class or n["train_per_class"] - holdout_per_class)
+    data.at_most("batch_size", batch_size, n_train, f"the {n_train} training images of this configuration")
     if val_every is not None:
         validate.positive_int("val_every", val_every)
     validate.positive("lr", lr)
@@ -135,6 +150,7 @@ class Fmnist:
     test_x: torch.Tensor     # normalised float [10000,3,28,28]
     test_y: torch.Tensor
     val_n: int               # the first val_n test images are the in-training check set (C-Q4: test = val)
+    data_key: dict = field(default_factory=dict)  # data.cache_key of the files read: part of the teacher's key
 
 
 def normalise(x_uint8: torch.Tensor) -> torch.Tensor:
@@ -176,7 +192,7 @@ def load_fmnist(source: str, *, train_per_class=None, holdout_per_class: int = 0
         validate.fail("val_size", val_size, f"must be <= {len(te)} (the test set)")
     to = lambda t: t.to(device)
     return Fmnist(to(tr.x[it].unsqueeze(1)), to(tr.y[it]), to(normalise(tr.x[ih].unsqueeze(1))), to(tr.y[ih]),
-                  to(normalise(te.x.unsqueeze(1))), to(te.y), val_size or len(te))
+                  to(normalise(te.x.unsqueeze(1))), to(te.y), val_size or len(te), data.cache_key(tr, te))
 
 
 def randaugment(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -196,21 +212,19 @@ def randaugment(x: torch.Tensor, mode: str) -> torch.Tensor:
 # ---------------------------------------------------------------- helpers
 
 
-def _amp(device: str):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if str(device).startswith("cuda") else nullcontext()
-
-
-def _to_model_layout(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
+def _precision(p: dict) -> str:
+    return p.get("precision", "fp32")  # parameter dicts made before `precision` existed computed in fp32
 
 
 @torch.no_grad()
-def logits_of(model, x: torch.Tensor, *, batch_size: int = 1000, restore_mode: bool = True) -> torch.Tensor:
+def logits_of(model, x: torch.Tensor, *, batch_size: int = 1000, restore_mode: bool = True,
+              precision: str = "fp32") -> torch.Tensor:
     """Eval-mode logits (float32, CPU). restore_mode=False leaves the model in eval mode (C-Q11, faithful)."""
     was = model.training
     model.eval()
-    with _amp(x.device.type):
-        out = torch.cat([numerics.cast(model(_to_model_layout(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)])
+    with numerics.autocast(x.device, precision):
+        out = torch.cat([numerics.cast(model(numerics.model_layout(x[i:i + batch_size], precision)))
+                         for i in range(0, len(x), batch_size)])
     if restore_mode:
         model.train(was)
     return out.cpu()
@@ -253,7 +267,7 @@ def log_freq(n_batches: int) -> int:
     return max(1, min(100, n_batches // 10))
 
 
-def build_model(arch: str, seed: int, device: str, init: str = "scratch"):
+def build_model(arch: str, seed: int, device: str, init: str = "scratch", precision: str = "fp32"):
     torch.manual_seed(seed)
     if init == "imagenet":
         import torchvision.models as tvm
@@ -264,8 +278,7 @@ def build_model(arch: str, seed: int, device: str, init: str = "scratch"):
         m.fc = torch.nn.Linear(m.fc.in_features, NUM_CLASSES)
     else:
         m = models.resnet(arch, NUM_CLASSES)
-    m = m.to(device)
-    return m.to(memory_format=torch.channels_last) if str(device).startswith("cuda") else m
+    return numerics.model_layout(m.to(device), precision)
 
 
 # ---------------------------------------------------------------- one algorithm, checkpointed per epoch
@@ -287,7 +300,8 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint and checkpoint.is_file() else None
     if saved is not None and saved.get("done"):
         return saved["result"]
-    students = [build_model(arch, seed + i, device, init) for i in range(n)]
+    prec = _precision(p)
+    students = [build_model(arch, seed + i, device, init, prec) for i in range(n)]
     loader = data.TensorLoader(fm.train_x, fm.train_y, p["batch_size"], shuffle=p["shuffle"], seed=seed)
     nb = len(loader)
     if epochs * nb * 0.1 <= 1:  # OneCycleLR(pct_start=0.1) divides by zero with 10 steps or fewer
@@ -323,16 +337,16 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
             for b, (xb, yb) in enumerate(loader.epoch(epoch)):
                 step = epoch * nb + b
                 x_full = normalise(randaugment(xb, p["randaugment"]))
-                x = _to_model_layout(resize(x_full, size))
+                x = numerics.model_layout(resize(x_full, size), prec)
                 t_logits = None
                 if teacher is not None:
                     x_t = x_full if p["teacher_sees_full_res"] else resize(x_full, size)
-                    with torch.no_grad(), _amp(device):
-                        t_logits = numerics.cast(teacher(_to_model_layout(x_t)))
+                    with torch.no_grad(), numerics.autocast(device, prec):
+                        t_logits = numerics.cast(teacher(numerics.model_layout(x_t, prec)))
                 if dml and p["dml_update"] == "alternating":
                     outs = []
                     for i, m in enumerate(students):  # Zhang et al.: peers re-predicted after each update
-                        with _amp(device):
+                        with numerics.autocast(device, prec):
                             z = numerics.cast(m(x))
                             with torch.no_grad():
                                 peers = [numerics.cast(students[j](x)) for j in range(n) if j != i]
@@ -342,7 +356,8 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
                         opts[i].step()
                         outs.append((z.detach(), loss.detach()))
                 else:
-                    outs = joint_step(algo, students, opts, x, yb, p, teacher_logits=t_logits, device=device)
+                    outs = joint_step(algo, students, opts, x, yb, p, teacher_logits=t_logits, device=device,
+                                      precision=prec)
                 for s in scheds:
                     s.step()
                 if b % lf == 0:  # ClassifierMetrics on the (augmented) training batch, logged every log_freq
@@ -358,7 +373,7 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
                             "train_kl_virtual": F.kl_div(z.log_softmax(1), v, reduction="batchmean").item()})
                 if b % ve == 0:  # validation on the live students, after this batch's update
                     for i, m in enumerate(students):
-                        z = logits_of(m, val_x, batch_size=p["batch_size"], restore_mode=not stuck_flag)
+                        z = logits_of(m, val_x, batch_size=p["batch_size"], restore_mode=not stuck_flag, precision=prec)
                         acc = batch_mean_accuracy(z, val_y, p["batch_size"])
                         c = calibration(z, val_y, n_bins=p["n_bins"])
                         state["checks"][i].append({"step": step, "epoch": epoch + (b + 1) / nb, "val_acc": acc,
@@ -383,8 +398,8 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
     for i, m in enumerate(students):
         best_acc, best_step = state["best"][i]
         members.append({"history": state["history"][i], "checks": state["checks"][i], "best_check_acc": best_acc,
-                        "best_check_step": best_step, "test_logits": logits_of(m, test_x),
-                        "holdout_logits": logits_of(m, hold_x) if len(hold_x) else None})
+                        "best_check_step": best_step, "test_logits": logits_of(m, test_x, precision=prec),
+                        "holdout_logits": logits_of(m, hold_x, precision=prec) if len(hold_x) else None})
     result = {"algo": algo, "size": size or 28, "arch": arch, "seed": seed, "steps_per_epoch": nb, "log_freq": lf,
               "val_every": ve, "trained_in_eval_mode": bool(stuck_flag), "members": members,
               "final_state": students[0].state_dict() if algo == "teacher" else None}
@@ -393,10 +408,10 @@ def train_algorithm(algo: str, fm: Fmnist, p: dict, *, seed: int, size: int | No
     return dict(result, models=students) if keep_models else result
 
 
-def joint_step(algo, students, opts, x, y, p, *, teacher_logits=None, device: str = "cpu"):
+def joint_step(algo, students, opts, x, y, p, *, teacher_logits=None, device: str = "cpu", precision: str = "fp32"):
     """One update of every student on batch x from the same forward pass (the source's simultaneous DML update;
     a cohort of one for the other algorithms). Returns [(logits, loss)] detached, one per student."""
-    with _amp(device):
+    with numerics.autocast(device, precision):
         zs = [numerics.cast(m(x)) for m in students]
     n = len(zs)
     ls = [_loss(algo, z, y, p, peers=[zs[j] for j in range(n) if j != i], teacher_logits=teacher_logits)
@@ -437,7 +452,9 @@ def teacher_config(p: dict, fm: Fmnist, seed: int) -> dict:
             "weight_decay": p["weight_decay"], "seed": seed, "data_source": p["data_source"],
             "n_train": len(fm.train_y), "train_per_class": p["train_per_class"],
             "holdout_per_class": p["holdout_per_class"], "val_size": fm.val_n, "val_every": p["val_every"],
-            "randaugment": p["randaugment"], "shuffle": p["shuffle"], **numerics.cache_key()}
+            "randaugment": p["randaugment"], "shuffle": p["shuffle"], **fm.data_key, **numerics.cache_key(),
+            # only when bf16: the keys of fp32 teachers cached before `precision` existed stay valid
+            **({"precision": _precision(p)} if _precision(p) != "fp32" else {})}
 
 
 def get_teacher(fm: Fmnist, p: dict, *, seed: int, device: str = "cpu", checkpoint=None):
@@ -454,7 +471,7 @@ def get_teacher(fm: Fmnist, p: dict, *, seed: int, device: str = "cpu", checkpoi
         res = train_algorithm("teacher", fm, p, seed=seed, arch=cfg["arch"], epochs=cfg["epochs"], init=cfg["init"],
                               device=device, checkpoint=checkpoint, progress=False)
         train.atomic_save({"config": cfg, "result": res}, path)
-    teacher = build_model(cfg["arch"], seed, device)
+    teacher = build_model(cfg["arch"], seed, device, precision=_precision(p))
     teacher.load_state_dict(res["final_state"])
     teacher.eval().requires_grad_(False)
     return teacher, res, hit
@@ -480,7 +497,7 @@ def run_seed(fm: Fmnist, p: dict, *, seed: int, device: str = "cpu", checkpoint=
                                         device=device, checkpoint=checkpoint(f"{name}-seed{seed}"), progress=progress,
                                         desc=f"{name} seed {seed}")
     if teacher is not None:  # the teacher on the downscaled test images (what the faithful cross-quality KD sees)
-        out["teacher"]["test_logits_at_size"] = {s: logits_of(teacher, resize(fm.test_x, s))
+        out["teacher"]["test_logits_at_size"] = {s: logits_of(teacher, resize(fm.test_x, s), precision=_precision(p))
                                                  for s in p["downscale_sizes"]}
     return out
 
@@ -587,3 +604,59 @@ def c2_verdict(summary) -> dict:
             f"{values[7]:.4f} nats, mean confidence {s['confidence']:.4f} vs {u['confidence']:.4f}; "
             + ", ".join(f"{k_}: {'yes' if v else 'no'}" for k_, v in parts.items()))
     return {"verdict": verdict, "values": values, "parts": parts, "text": text}
+
+
+# ---------------------------------------------------------------- the committed evidence, as the conclusion quotes it
+
+
+def evidence_markdown(profile: str = "reduced", results=None) -> str:
+    """The numbers notebook 03's conclusion rests on, computed from the committed `profile` run records (never typed):
+    per run, mean ± std over seeds of final test accuracy, and means of test ECE, ECE after temperature scaling and
+    entropy; then the per-seed figures behind C1, C2, temperature scaling and cross-quality KD."""
+    import json
+
+    from . import report, runs
+
+    root = results or runs.RESULTS
+    recs = [r for r in report.load_runs(root) if r["notebook"] == "03_dml_kd_calibration"
+            and r["params"]["profile"] == profile]
+    if not recs:
+        return f"No committed `{profile}` run of this notebook: nothing to conclude from yet."
+    recs.sort(key=lambda r: r["params"]["seeds"])
+    seeds = [s for r in recs for s in r["params"]["seeds"]]
+    summ = [{row["run"]: row for row in json.loads((r["_dir"] / "metrics.json").read_text())["metrics"]["summary"]}
+            for r in recs]
+    names = [n for n in summ[0] if n != "teacher" and all(n in s for s in summ)]
+    col = lambda name, key: np.array([s[name][key] for s in summ], dtype=float)
+    std = lambda a: f" ± {a.std(ddof=1):.4f}" if len(a) > 1 else ""
+    lines = [f"Committed `{profile}` runs, seeds {seeds} ({', '.join(r['_dir'].name for r in recs)}): final test accuracy "
+             f"mean ± std over the seeds (cohort mean for DML), the other columns means.", "",
+             "| run | accuracy | test ECE | ECE after temperature scaling | entropy (nats) |", "|---|---|---|---|---|"]
+    for n in ["teacher"] + names:
+        acc = col(n, "final_acc")
+        lines.append(f"| {n} | {acc.mean():.4f}{std(acc)} | {col(n, 'ece').mean():.4f} | {col(n, 'ts_ece').mean():.4f} | "
+                     f"{col(n, 'entropy').mean():.2f} |")
+    pts = lambda a: ", ".join(f"{100 * v:+.1f}" for v in a)
+    base = col("baseline", "final_acc")
+    c1 = [r["claims"]["C1"]["values"][0] for r in recs]
+    lines += ["", f"- **C1**, DML cohort minus baseline per seed (points): with C-Q11 {pts(col('dml', 'final_acc') - base)}; "
+                  f"without it (dml_corrected) {pts(col('dml_corrected', 'final_acc') - base)}; DML_e minus DML "
+                  f"{pts(col('dml_e', 'final_acc') - col('dml', 'final_acc'))}. Largest late check-to-check drop of any DML "
+                  f"student per seed: {', '.join(f'{100 * v[3]:.1f}' for v in c1)} points (the instability rule: 5)."]
+    c2 = np.array([r["claims"]["C2"]["values"][0] for r in recs], dtype=float).mean(axis=0)
+    lines.append(f"- **C2**, means over seeds, smoothed → unsmoothed Tf-KD: training-batch ECE {c2[0]:.3f} → {c2[1]:.3f}, "
+                 f"test ECE {c2[2]:.3f} → {c2[3]:.3f}, entropy {c2[6]:.2f} → {c2[7]:.2f} nats; accuracy gain per seed "
+                 f"{pts(col('tfkd', 'final_acc') - col('tfkd_smooth', 'final_acc'))} points.")
+    students = [n for n in names]
+    spread = lambda key: np.mean([max(s[n][key] for n in students) - min(s[n][key] for n in students) for s in summ])
+    lines.append(f"- **Temperature scaling**: spread of test ECE across the student runs (max − min, mean over seeds) "
+                 f"{spread('ece'):.3f} before, {spread('ts_ece'):.3f} after; fitted T of tfkd_smooth "
+                 f"{col('tfkd_smooth', 'ts_temperature').mean():.2f}.")
+    cq = [n for n in names if n.startswith("crossq")]
+    if cq:
+        t_acc = np.mean([json.loads((r["_dir"] / "metrics.json").read_text())["metrics"]["crossq"]["teacher_acc"][0]
+                         for r in recs])
+        lines.append(f"- **Cross-quality KD** ({cq[0]}): the teacher's accuracy on the downscaled test images "
+                     f"{t_acc:.3f}; the student's test ECE {col(cq[0], 'ece').mean():.3f}. KD's from-scratch teacher "
+                     f"{col('teacher', 'final_acc').mean():.3f} against the baseline's {base.mean():.3f}.")
+    return "\n".join(lines)

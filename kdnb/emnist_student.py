@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -89,13 +89,16 @@ def check(*, dataset, data_source, teacher_epochs, epochs, batch_size, temperatu
     validate.positive_int("teacher_epochs", teacher_epochs)
     validate.positive_int("epochs", epochs)
     validate.positive_int("batch_size", batch_size)
+    n = data.sizes(dataset, data_source)
+    data.at_most("batch_size", batch_size, n["train"], f"the {n['train']} training images of {dataset!r} "
+                 f"({data_source})")
     validate.temperature(temperature)
     validate.unit_interval("lam", lam)
     flags = as_list(t2_scaling)
     if not flags or any(not isinstance(f, bool) for f in flags) or len(set(flags)) != len(flags):
         validate.fail("t2_scaling", t2_scaling, "must be True, False or a list of distinct booleans, e.g. [False, True]")
     validate.choice("validation", validation, VALIDATIONS)
-    validate.non_negative_int("teacher_seed", teacher_seed)
+    validate.seed("teacher_seed", teacher_seed)
     for name, value in (("train_baseline", train_baseline), ("sweep_summary", sweep_summary)):
         if not isinstance(value, bool):
             validate.fail(name, value, "must be True or False")
@@ -158,6 +161,7 @@ class Data:
     source: str             # 'real', 'sample' or 'synthetic' (the smoke EMNIST letters)
     validation: str
     num_classes: int
+    data_key: dict = field(default_factory=dict)  # data.cache_key of the files read (labels included)
 
     @property
     def class_names(self) -> list[str]:
@@ -178,7 +182,7 @@ def load(dataset: str, data_source: str, *, validation: str = "test", holdout_se
         va = te
     f = lambda s: data.to_float(s.x, device=device)
     return Data(f(tr), tr.y.to(device), f(va), va.y.to(device), f(te), te.y.to(device), dataset, te.source,
-                validation, data.NUM_CLASSES[dataset])
+                validation, data.NUM_CLASSES[dataset], data.cache_key(tr, te))
 
 
 def images_hash(x: torch.Tensor) -> str:
@@ -248,7 +252,7 @@ def teacher_config(d: Data, *, epochs: int, batch_size: int, seed: int) -> dict:
             "train": images_hash(d.train_x), "val": images_hash(d.val_x), "validation": d.validation,
             "n_train": len(d.train_y), "epochs": int(epochs), "batch_size": int(batch_size), "seed": int(seed),
             "adadelta": dict(ADADELTA, lr=ADADELTA_LR), "es_patience": ES_PATIENCE, "plateau": LR_PLATEAU,
-            **numerics.cache_key()}
+            **d.data_key, **numerics.cache_key()}
 
 
 def cache_folder() -> Path:

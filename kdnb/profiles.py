@@ -5,6 +5,7 @@ profile's value; anything given explicitly wins. `kdnb run` resolves the same wa
 from __future__ import annotations
 
 import importlib
+import re
 
 from . import validate
 
@@ -43,4 +44,216 @@ def resolve(notebook: str, **params) -> dict:
             out[k] = v
     if "seeds" in out:
         out["seeds"] = validate.seeds(out["seeds"])
+    if "download" in out:
+        validate.boolean("download", out["download"])
     return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------- papermill as a client: the notebook checks itself
+
+# IPython's own names in every kernel's namespace; never parameters
+KERNEL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
+
+
+def notebook_parameters(notebook: str) -> dict:
+    """{name: default} of the notebook's `parameters` cell, in cell order."""
+    from . import cli
+
+    return cli.notebook_parameters(cli.notebook_path(notebook))
+
+
+def from_namespace(notebook: str, namespace: dict) -> dict:
+    """What a notebook's setup cell calls first, with `globals()`: `resolve` for the parameters as the kernel holds
+    them, after the checks `kdnb run` makes before it starts a kernel. Plain papermill injects values unchecked
+    (a misspelt name is only a warning there, YAML reads `1e-3` as a string, `-p` passes lists as strings), so:
+    a name that is not a parameter stops here with `kdnb run`'s line; a string given for a parameter that is
+    never a string is read as a Python literal (said once); device='cuda' without CUDA stops here."""
+    from . import cli
+
+    path = cli.notebook_path(notebook)
+    defaults = cli.notebook_parameters(path)
+    cli.check_known(path, defaults, _strays(path, defaults, namespace))
+    given = {k: _read_string(k, namespace[k], path.stem, defaults) for k in defaults if k in namespace}
+    namespace.update(given)  # later cells that use a parameter's own name see the converted value
+    resolved = resolve(path.stem, **{k: v for k, v in given.items() if k not in cli.LOCATION_PARAMS})
+    if "device" in resolved:
+        validate.device(resolved["device"])
+    return resolved
+
+
+def _strays(path, defaults: dict, namespace: dict) -> list[str]:
+    """Public names in the kernel that neither a parameter nor any of the notebook's own cells defines: what papermill
+    injected under a misspelt name. The notebook's own names are allowed so that rerunning the setup cell in Jupyter,
+    after later cells ran, still works."""
+    import types
+
+    own = _names_bound_by_cells(path)
+    return sorted(k for k, v in namespace.items()
+                  if not k.startswith("_") and k not in KERNEL_NAMES and k not in defaults and k not in own
+                  and not isinstance(v, types.ModuleType) and not callable(v))
+
+
+def _names_bound_by_cells(path) -> set[str]:
+    """Every name an assignment, import, loop or definition binds in the notebook's code cells (the parameters
+    cell included; cells that are not plain Python, e.g. with %magics, are skipped)."""
+    import ast
+    import json
+
+    names: set[str] = set()
+    for c in json.loads(path.read_text()).get("cells", []):
+        if c.get("cell_type") != "code":
+            continue
+        try:
+            tree = ast.parse("".join(c.get("source", "")))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.alias):
+                names.add((node.asname or node.name).split(".")[0])
+    return names
+
+
+def _read_string(name: str, value, notebook: str, defaults: dict):
+    """`value`, or the literal a string spells when the parameter never takes a string (decided from its notebook
+    default and profile values): lr='1e-3' -> 0.001, alphas='[0.5, 0.9]' -> [0.5, 0.9]. A string that spells no
+    literal is kept, so that the study's own check rejects it with its one line."""
+    from . import cli
+
+    if not isinstance(value, str):
+        return value
+    kinds = value_kinds(notebook, defaults).get(name, set())
+    if not kinds or "str" in kinds:
+        return value
+    read = cli.parse_value(value)
+    if isinstance(read, str):
+        return value
+    print(f"{name}={value!r} read as {read!r}")
+    return read
+
+
+# ---------------------------------------------------------------- the annotated parameters cell (papermill --help-notebook)
+
+_KIND = {bool: "bool", int: "int", float: "float", str: "str", list: "list", tuple: "list"}
+
+
+def value_kinds(notebook: str, defaults: dict | None = None) -> dict[str, set[str]]:
+    """{parameter: the kinds of value it takes ('int', 'float', 'str', 'bool', 'list', 'None')}, from its notebook
+    default, every profile's and every variant's value, and the study's PARAMETER_TYPES (for a parameter whose values
+    are all None)."""
+    from . import cli
+
+    defaults = notebook_parameters(notebook) if defaults is None else defaults
+    extra, sets = {k: "str" for k in cli.LOCATION_PARAMS}, list(profiles_of(notebook).values())
+    if notebook in STUDY_MODULES:
+        module = importlib.import_module(STUDY_MODULES[notebook])
+        extra.update(getattr(module, "PARAMETER_TYPES", {}))
+        sets += list(getattr(module, "VARIANTS", {}).values())  # quirk flags: None = each variant's value
+    out = {}
+    for name, default in defaults.items():
+        values = [default] + [p[name] for p in sets if name in p]
+        kinds = {"None" if v is None else _KIND.get(type(v), type(v).__name__) for v in values}
+        if name in extra:
+            kinds.add(extra[name])
+        if {"int", "float"} <= kinds:
+            kinds.discard("int")  # an int where floats are taken (T = 10) is a float parameter
+        out[name] = kinds
+    return out
+
+
+def annotation(kinds: set[str]) -> str:
+    """The type papermill shows: 'float', or quoted 'Optional[float]' / 'Union[bool, list]' (quoted: a bare one would
+    need `typing` imported into the parameters cell)."""
+    base = sorted(kinds - {"None"})
+    if not base:
+        return '"None"'
+    core = base[0] if len(base) == 1 else f"Union[{', '.join(base)}]"
+    return f'"Optional[{core}]"' if "None" in kinds else (core if len(base) == 1 else f'"{core}"')
+
+
+def parameter_help(notebook: str) -> dict[str, str]:
+    """{parameter: its meaning} from the parameter table of the notebook's first markdown cell, whose rows read
+    | `name` | meaning | smoke | reduced | full |  (a row may name several: | `epochs`, `batch_size` | ...)."""
+    import json
+
+    from . import cli
+
+    cells = json.loads(cli.notebook_path(notebook).read_text())["cells"]
+    text = next(("".join(c["source"]) for c in cells if c["cell_type"] == "markdown"), "")
+    out, in_table = {}, False
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if not cols:
+            in_table = False
+        elif cols[0] == "parameter":
+            in_table = True
+        elif in_table and len(cols) >= 2 and not set(cols[0]) <= set("-: "):
+            for name in re.findall(r"`(\w+)`", cols[0]):
+                out.setdefault(name, _one_line_help(cols[1]))
+    return out
+
+
+def _one_line_help(text: str) -> str:
+    # papermill skips a parameters-cell line holding more than one '=' (the help would hide the parameter)
+    return re.sub(r"\s*=\s*", ": ", text.replace("`", ""))
+
+
+def parameters_cell(notebook: str) -> str:
+    """The notebook's parameters cell with a type and a one-line help on every parameter, papermill's
+    `name: type = default  # help`; its comment lines stay where they are."""
+    from . import cli
+
+    path = cli.notebook_path(notebook)
+    defaults = cli.notebook_parameters(path)
+    kinds, helps = value_kinds(path.stem, defaults), parameter_help(path)
+    lines = []
+    for line in _parameters_source(path).splitlines():
+        m = re.match(r"(\w+)\s*(:[^=]*)?=", line)
+        if line.lstrip().startswith("#") or not line.strip():
+            lines.append(line)
+        elif m and m.group(1) in defaults:
+            name = m.group(1)
+            help_ = helps.get(name, "")
+            lines.append(f"{name}: {annotation(kinds[name])} = {_source_default(line)}" + (f"  # {help_}" if help_ else ""))
+    return "\n".join(lines)
+
+
+def _parameters_source(path) -> str:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    cell = next(c for c in cells if "parameters" in (c.get("metadata", {}).get("tags") or []))
+    return "".join(cell["source"])
+
+
+def _source_default(line: str) -> str:
+    """The default as written in the cell (its quotes kept), without annotation or trailing comment."""
+    import ast
+
+    rhs = line.split("=", 1)[1]
+    for cut in [i for i, ch in enumerate(rhs) if ch == "#"] + [len(rhs)]:
+        try:
+            ast.parse(rhs[:cut].strip(), mode="eval")
+            return rhs[:cut].strip()
+        except SyntaxError:
+            continue
+    return rhs.strip()
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m kdnb.profiles")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    pc = sub.add_parser("parameters-cell", help="print a notebook's annotated parameters cell (to paste)")
+    pc.add_argument("notebook", help="name (05_self_distillation) or path of a notebook")
+    args = ap.parse_args(argv)
+    print(parameters_cell(args.notebook))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

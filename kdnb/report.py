@@ -20,14 +20,27 @@ import numpy as np
 from . import papers, runs
 
 PROFILE_ORDER = {"full": 0, "reduced": 1}
+# a verdict of a seed-dependent claim rests on at least this many seeds; fewer is "inconclusive" (DEVELOPERS.md)
+MIN_SEEDS = 3
+
+
+def _seeded(entries: list[dict]) -> bool:
+    """Whether a claim's values vary with the seed (its runs name seeds); exact results (KRR) do not."""
+    return any(e.get("seeds") for e in entries)
 
 
 def load_runs(results: Path = runs.RESULTS) -> list[dict]:
-    out = []
-    for path in sorted(results.glob("*/*/run.json")):
+    """Every run record under the results root, at any depth (`papermill -p output_dir results/mine/x` puts one
+    wherever the user says); a copy of a record already found (same notebook, run id and finish time) counts once."""
+    out, seen = [], set()
+    for path in sorted(results.rglob("run.json")):
+        if any(part.startswith(".") for part in path.relative_to(results).parts):
+            continue  # .ipynb_checkpoints and the like hold no records
         rec = json.loads(path.read_text())
-        if rec.get("params", {}).get("profile") == "smoke":
+        key = (rec.get("notebook"), rec.get("run_id") or path.parent.name, rec.get("finished"))
+        if rec.get("params", {}).get("profile") == "smoke" or key in seen:
             continue
+        seen.add(key)
         rec["_dir"] = path.parent
         out.append(rec)
     return out
@@ -38,7 +51,37 @@ def _fmt(v, digits=5) -> str:
         return "—"
     if isinstance(v, (list, tuple, np.ndarray)):
         return "[" + ", ".join(_fmt(x, digits) for x in v) + "]"
-    return f"{v:.{digits}f}".rstrip("0").rstrip(".") if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return str(v)
+    s = f"{v:.{digits}f}"
+    return s.rstrip("0").rstrip(".") if "." in s else s  # digits=0: '100' keeps its zeros
+
+
+def precision(reported) -> int | None:
+    """Decimals the card wrote its reported value with (0.20412 -> 5, [98.64, 96.01] -> 2, 98 -> 0); None when
+    it has no number. Our values are shown to that precision: more digits than the source printed mean nothing."""
+    from decimal import Decimal
+
+    nums = [v for v in (reported if isinstance(reported, list) else [reported]) if _is_number(v)]
+    if not nums:
+        return None
+    return max(max(0, -Decimal(repr(v)).as_tuple().exponent) for v in nums)
+
+
+def readme_cell(row) -> str:
+    """Our value as README.md shows it: at the card's precision, each element with its own interval."""
+    if row["reproduced"] is None:
+        return "—"
+    digits = precision(row["reported"])
+    digits = 5 if digits is None else digits
+    value, ci = row["reproduced"], row.get("ci95")
+    if isinstance(value, list):
+        parts = [_fmt(v, digits) + ("" if ci is None else f" ± {_fmt(c, digits)}") for v, c in
+                 zip(value, ci if ci is not None else value)]
+        s = "[" + ", ".join(parts) + "]"
+    else:
+        s = _fmt(value, digits) + ("" if ci is None else f" ± {_fmt(ci, digits)}")
+    return s + f" (n={row['seeds']})"
 
 
 def _aggregate(values: list):
@@ -46,6 +89,15 @@ def _aggregate(values: list):
     mean = arr.mean(axis=0)
     std = arr.std(axis=0, ddof=1) if len(arr) > 1 else None
     return mean, std
+
+
+def ci95_halfwidth(std, n: int):
+    """Half-width of the two-sided 95 % Student-t interval of a mean over n seeds (None below 2 seeds)."""
+    if std is None or n < 2:
+        return None
+    from scipy import stats
+
+    return np.asarray(std) * stats.t.ppf(0.975, n - 1) / math.sqrt(n)
 
 
 def rows(results: Path = runs.RESULTS) -> list[dict]:
@@ -59,10 +111,10 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                 if rec["notebook"] == nb and claim["id"] in rec.get("claims", {}):
                     by_profile.setdefault(rec["params"]["profile"], []).append(rec)
             base = {"study": nb, "claim": claim["id"], "statement": claim["claim"], "metric": claim["metric"],
-                    "reported": claim.get("reported")}
+                    "reported": claim.get("reported"), "tolerance": claim.get("tolerance")}
             if not by_profile:
                 reason = claim.get("offline")
-                table.append(dict(base, profile="—", reproduced=None, std=None, seeds=0, diff=None,
+                table.append(dict(base, profile="—", reproduced=None, std=None, ci95=None, seeds=0, diff=None,
                                   verdict="not runnable offline" if reason else "not run yet", note=reason or "",
                                   runs=[]))
                 continue
@@ -84,8 +136,10 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                     verdict = "reproduced" if ok else "not reproduced"
                 else:
                     verdict = "no values"
+                if verdict not in ("no reported number", "no values") and _seeded(entries) and len(values) < MIN_SEEDS:
+                    verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; this seed: {verdict})"
                 table.append(dict(base, profile=profile, reproduced=_tolist(mean), std=_tolist(std),
-                                  seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
+                                  ci95=_tolist(ci95_halfwidth(std, len(values))), seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
                                   runs=[str(r["_dir"].relative_to(results)) for r in recs]))
     return table
 
@@ -110,12 +164,13 @@ def _tolist(x):
     return x.tolist() if x.ndim else float(x)
 
 
-def _cell(row) -> str:
+def cell(row) -> str:
+    """Our value as README.md and every notebook's glance section show it: mean ± 95 % t-interval half-width, n."""
     if row["reproduced"] is None:
         return "—"
     s = _fmt(row["reproduced"])
-    if row["std"] is not None:
-        s += " ± " + _fmt(row["std"])
+    if row.get("ci95") is not None:
+        s += " ± " + _fmt(row["ci95"])
     return s + f" (n={row['seeds']})"
 
 
@@ -123,7 +178,10 @@ def _diff(row) -> str:
     d = row["diff"]
     if d is None:
         return "—"
-    return _fmt(float(np.max(np.abs(d))) if isinstance(d, list) else d) + (" (max abs)" if isinstance(d, list) else "")
+    digits = precision(row["reported"])
+    digits = 5 if digits is None else digits
+    return (_fmt(float(np.max(np.abs(d))) if isinstance(d, list) else d, digits)
+            + (" (max abs)" if isinstance(d, list) else ""))
 
 
 def _is_number(x) -> bool:
@@ -156,7 +214,8 @@ def render_figure(table: list[dict], study: str):
     claims = list(dict.fromkeys(r["claim"] for r in shown))
     cols = min(3, len(claims))
     nrows = math.ceil(len(claims) / cols)
-    fig = Figure(figsize=(4.6 * cols, 3.4 * nrows))
+    # constrained layout makes room for the suptitle (tight_layout let it overlap the first panel's title)
+    fig = Figure(figsize=(4.6 * cols, 3.4 * nrows + 0.4), layout="constrained")
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax in axes[len(claims):]:
         ax.set_visible(False)
@@ -166,9 +225,14 @@ def render_figure(table: list[dict], study: str):
         scalar = not isinstance(rows_[0]["reported"], list)
         x = np.arange(len(reported))
         ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
+        tol = rows_[0].get("tolerance")
+        if tol:  # the band a reproduced mean must fall in to count as reproduced
+            span = np.array([-0.5, len(rows_) + 0.5]) if scalar else x
+            ax.fill_between(span, *(np.broadcast_to(reported, span.shape) + d for d in (-tol, tol)) if scalar else
+                            (reported - tol, reported + tol), color="0.85", zorder=0, label=f"reported ± {tol:g}")
         for i, r in enumerate(rows_):
             mean = np.atleast_1d(np.asarray(r["reproduced"], dtype=float))
-            std = np.atleast_1d(np.asarray(r["std"], dtype=float)) if r["std"] is not None else np.zeros_like(mean)
+            std = np.atleast_1d(np.asarray(r["ci95"], dtype=float)) if r.get("ci95") is not None else np.zeros_like(mean)
             at = np.array([i + 1.0]) if scalar else x + 0.08 * (i + 1)  # scalars: one column per profile
             ax.errorbar(at, mean, yerr=std, fmt="o" if scalar else "o-", ms=4, capsize=3,
                         label=f"{r['profile']} (n={r['seeds']}): {r['verdict']}")
@@ -176,13 +240,37 @@ def render_figure(table: list[dict], study: str):
         if scalar:
             ax.set_xticks(range(len(rows_) + 1), ["reported"] + [r["profile"] for r in rows_])
             ax.set_xlim(-0.5, len(rows_) + 0.5)
+            ax.set_ylim(*scalar_ylim(reported[0], tol, [r["reproduced"] + sign * (r.get("ci95") or 0)
+                                                         for r in rows_ for sign in (-1, 1)]))
+            ax.ticklabel_format(axis="y", useOffset=False)
         else:
-            ax.set_xticks(x, [str(i + 1) for i in x])
-            ax.set_xlabel("element (step)")
+            axis, labels = element_axis(study, claim_id, len(reported))
+            ax.set_xticks(x, labels)
+            ax.set_xlabel(axis)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{study}: reported vs reproduced (mean ± std over seeds)", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"{study}: reported vs reproduced (mean ± 95 % t-interval over seeds)", fontsize=11)
     return fig
+
+
+def element_axis(study: str, claim_id: str, n: int) -> tuple[str, list[str]]:
+    """What a list claim's x-axis is: the card's `elements` (axis name and one label per value: 'digit', 6..9), else
+    plain 'element' 1..n."""
+    elements = papers.claim(study, claim_id).get("elements") or {}
+    labels = [str(v) for v in elements.get("labels", [])]
+    if len(labels) != n:
+        return "element", [str(i + 1) for i in range(n)]
+    return elements.get("axis", "element"), labels
+
+
+def scalar_ylim(reported: float, tol, reproduced: list) -> tuple[float, float]:
+    """A single-value panel's y-range: the reported value, its tolerance band with a margin, and every reproduced
+    value, never narrower than 2 % of the value (left to itself matplotlib zooms to a 1e-4 span, so that a
+    difference far inside the tolerance looks large)."""
+    values = [float(reported)] + [float(v) for v in reproduced if _is_number(v)]
+    half = max(2 * float(tol or 0), 0.01 * abs(float(reported)), 1e-12)
+    lo, hi = min(min(values), reported - half), max(max(values), reported + half)
+    pad = 0.05 * (hi - lo)
+    return lo - pad, hi + pad
 
 
 def _verdict(row) -> str:
@@ -194,30 +282,52 @@ def _verdict(row) -> str:
 def render_markdown(table: list[dict]) -> str:
     out = io.StringIO()
     out.write("# Reported vs reproduced\n\n")
-    out.write("Generated by `kdnb report` from `papers/*.yaml` and every `results/*/*/run.json` — do not edit by hand.\n")
-    out.write("Smoke runs are pipeline checks and are not listed. Reproduced values: mean ± std over seeds "
-              "(elementwise for lists); verdicts of numeric claims use the tolerance in the claim's card.\n\n")
+    out.write("Generated by `kdnb report` from `papers/*.yaml` and every `run.json` under `results/` — do not edit by "
+              "hand.\n")
+    out.write("Smoke runs are pipeline checks and are not listed. Reproduced values: mean ± half-width of the two-sided "
+              "95 % Student-t interval over seeds (elementwise for lists; no interval below 2 seeds), n = seeds, to the "
+              "precision of the reported value; "
+              "verdicts of numeric claims compare the mean with the reported value within the claim's tolerance "
+              "(shown per row).\n\n")
     for study in sorted({r["study"] for r in table}):
         card = papers.load(study)
         out.write(f"## {study}\n\n{card['title']} — source {card['source']['repository']}\n\n")
-        out.write("| claim | metric | reported | profile | reproduced | diff | verdict | runs |\n|---|---|---|---|---|---|---|---|\n")
+        out.write("| claim | metric | reported | tolerance | profile | reproduced | diff | verdict | runs |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n")
         for r in (r for r in table if r["study"] == study):
             links = ", ".join(f"[{Path(p).name}]({p}/notebook.ipynb)" for p in r["runs"]) or "—"
-            out.write(f"| **{r['claim']}** {r['statement']} | {r['metric']} | {_fmt(r['reported'])} | {r['profile']} | "
-                      f"{_cell(r)} | {_diff(r)} | {_verdict(r)} | {links} |\n")
+            out.write(f"| **{r['claim']}** {r['statement']} | {r['metric']} | {_fmt(r['reported'])} | {_fmt(r['tolerance'])} | "
+                      f"{r['profile']} | "
+                      f"{readme_cell(r)} | {_diff(r)} | {_verdict(r)} | {links} |\n")
         out.write("\n")
         if plotted(table, study):
             out.write(f"![{study}: reported vs reproduced]({figure_path(study)})\n\n")
     return out.getvalue()
 
 
+def figure_bytes(table: list[dict]) -> dict[str, bytes]:
+    """{figure path relative to the results root: PNG bytes} for every study with a plottable row."""
+    import matplotlib.pyplot as plt
+
+    out = {}
+    for study in sorted({r["study"] for r in table}):
+        if plotted(table, study):
+            fig = render_figure(table, study)
+            buf = io.BytesIO()
+            fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")  # what runs.atomic_save_figure writes
+            plt.close(fig)
+            out[str(figure_path(study))] = buf.getvalue()
+    return out
+
+
 def write_figures(table: list[dict], results: Path = runs.RESULTS) -> list[Path]:
     """results/figures/<study>.png for every study with a plottable row (none without non-smoke runs);
     figures of studies that no longer have one are removed."""
-    written = []
-    for study in sorted({r["study"] for r in table}):
-        if plotted(table, study):
-            written.append(runs.atomic_save_figure(render_figure(table, study), results / figure_path(study)))
+    return _write_figures(figure_bytes(table), results)
+
+
+def _write_figures(pngs: dict[str, bytes], results: Path) -> list[Path]:
+    written = [runs.atomic_write_bytes(results / rel, png) for rel, png in pngs.items()]
     for stale in sorted((results / "figures").glob("*.png")) if (results / "figures").is_dir() else []:
         if stale not in written:
             stale.unlink()
@@ -225,14 +335,22 @@ def write_figures(table: list[dict], results: Path = runs.RESULTS) -> list[Path]
 
 
 def write(results: Path = runs.RESULTS) -> tuple[Path, Path]:
+    """README.md, summary.csv and figures/, all or nothing: everything is rendered in memory and every folder
+    proven writable before the first file is replaced, so a read-only results root leaves the old report whole."""
     table = rows(results)
-    write_figures(table, results)
-    md = runs.atomic_write_text(results / "README.md", render_markdown(table))
+    markdown = render_markdown(table)
     buf = io.StringIO()
-    fields = ["study", "claim", "profile", "reported", "reproduced", "std", "seeds", "diff", "verdict", "note", "runs"]
+    fields = ["study", "claim", "profile", "reported", "tolerance", "reproduced", "std", "ci95", "seeds", "diff", "verdict",
+              "note", "runs"]
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
     w.writeheader()
     for r in table:
         w.writerow({k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields})
+    pngs = figure_bytes(table)
+    runs.check_writable(results, "results folder")
+    if pngs or (results / "figures").is_dir():
+        runs.check_writable(results / "figures", "results folder")
+    _write_figures(pngs, results)
+    md = runs.atomic_write_text(results / "README.md", markdown)
     csv_path = runs.atomic_write_text(results / "summary.csv", buf.getvalue())
     return md, csv_path

@@ -29,6 +29,32 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 # parameters that say where things are, not what is computed: they do not enter the run id
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
+# parameters added after run records were committed, with the value every earlier run computed with: at that value
+# they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
+ADDED_LATER = {"precision": "fp32"}
+
+
+class NotWritableError(PermissionError):
+    """A folder a run must write (results, checkpoints, the kdnb cache) is not writable: one line naming it,
+    raised before any work so that no training is thrown away at its first write."""
+
+
+def check_writable(folder: str | os.PathLike, what: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it (a temp file, removed at once)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".kdnb-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise NotWritableError(f"{what} {folder} is not writable ({e.strerror or type(e).__name__}); "
+                               f"make it writable or point {_HOW_TO_MOVE.get(what, 'it')} elsewhere") from None
+    return folder
+
+
+_HOW_TO_MOVE = {"results folder": "output_dir / --results / KDNB_RESULTS", "kdnb cache": "KDNB_CACHE",
+                "output_dir": "output_dir", "checkpoints folder": "output_dir"}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -95,7 +121,8 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 def run_id(params: dict) -> str:
     """<profile>-<hash of the resolved parameters>: the same parameters always land in the same folder,
     which is what makes a finished run skippable and an interrupted one resumable."""
-    keyed = {k: v for k, v in params.items() if k not in NOT_IN_RUN_ID}
+    keyed = {k: v for k, v in params.items()
+             if k not in NOT_IN_RUN_ID and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     digest = hashlib.sha1(json.dumps(_jsonable(keyed), sort_keys=True).encode()).hexdigest()[:10]
     return f"{params.get('profile', 'run')}-{digest}"
 
@@ -127,7 +154,9 @@ def environment(device: str = "cpu") -> dict:
     env = {"lock_sha256": lock_hash(), "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
            "python": platform.python_version(), "platform": platform.platform(), "machine": platform.machine(),
            "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": numpy.__version__,
-           "cpu_threads": torch.get_num_threads(), "device": device, "git_commit": git_commit()}
+           # the intra-op thread count changes the order of float sums, hence the last digits of non-smoke numbers
+           "cpu_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+           "device": device, "git_commit": git_commit()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -145,19 +174,40 @@ class Run:
         self.claims: dict[str, dict] = {}
         self.figures: list[str] = []
         self.started = time.time()
-        from . import numerics
+        from . import data, numerics
 
+        # every folder the run writes, before any work: a read-only one must not cost a trained teacher
+        check_writable(data.cache_dir(), "kdnb cache")
+        if self.dir is not None:
+            check_writable(self.dir, "output_dir")  # its checkpoints/ is made inside it
+        # the run's data identity is what its notebook reads from here on
+        data.reset_reads()
+        self._data_checked = False
         # smoke on CPU: float64 on one thread, so the printed numbers are the same on any x86-64 CPU
-        numerics.configure(self.params.get("profile", "smoke"), device)
+        numerics.configure(self.params.get("profile", "smoke"), device, notebook)
         # taken at the start: the code that ran is the commit checked out when the run began
         self.environment = environment(device)
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
             atomic_write_yaml(self.dir / "params.yaml", self.params)
 
+    def smoke_banner(self, n_images: int) -> None:
+        """One line where a smoke run's training starts: what follows checks the pipeline and says nothing else."""
+        if self.params.get("profile") == "smoke":
+            print(f"smoke profile: a pipeline check on {n_images:,} images, numbers mean nothing")
+
     def checkpoint(self, name: str) -> Path | None:
-        """Path for a resumable checkpoint (None when the run keeps no files)."""
-        return None if self.dir is None else self.dir / "checkpoints" / f"{name}.pt"
+        """Path for a resumable checkpoint (None when the run keeps no files). The first call compares the data
+        read so far with the data the folder's checkpoints were made from and drops them when it differs: the
+        run id does not cover the data, so the same folder may meet other data."""
+        if self.dir is None:
+            return None
+        folder = self.dir / "checkpoints"
+        if not self._data_checked:
+            self._data_checked = True
+            dropped = guard_checkpoints(folder, data_identity())
+            if dropped:
+                print(f"checkpoints in {folder} were made from other data: {dropped} dropped, training again")
+        return folder / f"{name}.pt"
 
     def log(self, **metrics) -> None:
         self.metrics.update(_jsonable(metrics))
@@ -192,6 +242,7 @@ class Run:
             "claims": self.claims,
             "figures": self.figures,
             "environment": self.environment,
+            "data": data_record(),
             "wall_time_s": round(time.time() - self.started, 1),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -199,3 +250,44 @@ class Run:
             atomic_write_json(self.dir / "metrics.json", {"metrics": self.metrics, "claims": self.claims})
             atomic_write_json(self.dir / "run.json", record)
         return record
+
+
+# ---------------------------------------------------------------- the data a run read
+
+
+def data_identity() -> str | None:
+    from . import data
+
+    return data.identity_of(data.reads())
+
+
+def data_record() -> dict:
+    """run.json's `data`: one digest for everything the notebook read, and per split the files and their digests."""
+    from . import data
+
+    reads = data.reads()
+    return {"identity": data.identity_of(reads), "reads": reads}
+
+
+DATA_STAMP = "data.json"
+
+
+def guard_checkpoints(folder: Path, identity: str | None) -> int:
+    """Stamp `folder` with the data identity its checkpoints are made from; when a stamp says other data, delete
+    them (resuming would mix two datasets) and return how many. Folders from before stamps are left alone."""
+    stamp = folder / DATA_STAMP
+    stamped = stamp.is_file()
+    if stamped:
+        try:
+            old = json.loads(stamp.read_text()).get("identity")
+        except (OSError, ValueError, AttributeError):
+            old = "unreadable"
+        if old == identity:
+            return 0
+    dropped = 0
+    if stamped:
+        for ckpt in folder.glob("*.pt"):
+            ckpt.unlink(missing_ok=True)
+            dropped += 1
+    atomic_write_json(stamp, {"identity": identity})
+    return dropped

@@ -11,6 +11,8 @@ Quirks as flags (faithful value first):
   shuffle                False | True   E-Q4: the source never reshuffled the training set
 The source's "validation" is the test set (E-Q3): we report the final-epoch test accuracy per step
 and, beside it, the best-epoch one the source's checkpoint monitor would have picked.
+precision: 'fp32' in every profile (the source); 'bf16' opts into autocast (CPU or CUDA) + channels_last for the
+student's and the teacher's forward passes (the loss, the L2 term and Adam stay fp32); never in smoke.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, losses, models, train, validate
+from . import data, losses, models, numerics, train, validate
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 VARIANTS = {
@@ -31,19 +33,22 @@ VARIANTS = {
 PROFILES = {
     # shipped CIFAR sample (500 train / 250 test), seconds on CPU: the pipeline, not a result
     "smoke": dict(seeds=[0], data_source="sample", arch="resnet18", sd_alphas=[0.6], distillation_steps=2,
-                  epochs=2, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"]),
+                  epochs=2, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"], precision="fp32"),
     # lossless CIFAR-10 subset (4,000 train / 1,000 test), ResNet-18, about 20 minutes on 2 CPU cores
     "reduced": dict(seeds=[0], data_source="subset", arch="resnet18", sd_alphas=[0.0, 0.6], distillation_steps=3,
-                    epochs=10, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"]),
+                    epochs=10, batch_size=64, lr=1e-3, reg_coef=1e-4, variants=["faithful", "corrected"],
+                    precision="fp32"),
     # the source README's command: ResNet-50, 75 epochs, batch 16, Adam 1e-4, alpha 0.6, 5 steps (CUDA)
     "full": dict(seeds=[1], data_source="real", arch="resnet50", sd_alphas=[0.6], distillation_steps=5,
-                 epochs=75, batch_size=16, lr=1e-4, reg_coef=1e-4, variants=["faithful", "corrected"]),
+                 epochs=75, batch_size=16, lr=1e-4, reg_coef=1e-4, variants=["faithful", "corrected"],
+                 precision="fp32"),
 }
 
 
 def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, alphas=None,
-          gamma=None, lam=None, steps=None, **_):
+          gamma=None, lam=None, steps=None, precision="fp32", profile=None, **_):
     """Every parameter of notebook 05 (the KRR ones too when given), before any data is read."""
+    numerics.check_precision(precision, profile)
     if alphas is not None:
         from . import krr
 
@@ -53,8 +58,18 @@ def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, va
     for a in sd_alphas:
         validate.unit_interval("sd_alphas", a)
     validate.positive_int("distillation_steps", distillation_steps)
+    if distillation_steps < 2:
+        # step 0 only fits the ground truth: with one step nothing is distilled and there is no alpha to report
+        validate.fail("distillation_steps", distillation_steps, "must be >= 2 (step 0 fits the ground truth, "
+                      "steps 1.. distil)")
     validate.positive_int("epochs", epochs)
     validate.positive_int("batch_size", batch_size)
+    if "data_source" in _:
+        validate.choice("data_source", _["data_source"], ("sample", "subset", "real"))
+    if _.get("data_source") in data.SOURCES:
+        n = data.sizes("cifar10", _["data_source"])
+        data.at_most("batch_size", batch_size, n["train"], f"the {n['train']} training images of "
+                     f"data_source={_['data_source']!r}")
     validate.positive("lr", lr)
     if isinstance(reg_coef, bool) or not isinstance(reg_coef, (int, float)) or reg_coef < 0:
         validate.fail("reg_coef", reg_coef, "must be a number >= 0")
@@ -89,37 +104,42 @@ def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return _normalise(data.random_crop_flip(x, g, padding=4))
 
 
-def test_accuracy(model, cifar: Cifar) -> float:
-    return (train.predict(model, cifar.test_x, batch_size=500).argmax(1) == cifar.test_y).float().mean().item()
+def test_accuracy(model, cifar: Cifar, precision: str = "fp32") -> float:
+    with numerics.autocast(cifar.test_x.device, precision):
+        logits = train.predict(model, numerics.model_layout(cifar.test_x, precision), batch_size=500)
+    return (logits.argmax(1) == cifar.test_y).float().mean().item()
 
 
 def run(cifar: Cifar, *, seed: int, arch: str, sd_alphas, distillation_steps: int, epochs: int, batch_size: int,
         lr: float, reg_coef: float, teacher_bn_train_mode: bool, shuffle: bool, device: str = "cpu",
-        checkpoint=lambda name: None, desc: str = "", progress: bool = True) -> list[dict]:
+        checkpoint=lambda name: None, desc: str = "", progress: bool = True, precision: str = "fp32") -> list[dict]:
     """All steps for every alpha; step 0 (ground truth only) is trained once and shared by the alphas.
     Returns one row per (alpha, step): final and best-epoch test accuracy and the epoch history."""
     rows = []
 
     def train_step(step: int, alpha: float, teacher):
         train.seed_everything(seed * 100 + step)  # a fresh initialisation per step, as the source
-        model = models.resnet(arch, 10).to(device)
+        model = numerics.model_layout(models.resnet(arch, 10).to(device), precision)
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.train(teacher_bn_train_mode)
 
         def loss_fn(m, xb, yb):
+            xb = numerics.model_layout(xb, precision)
             t_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    t_logits = teacher(xb)
-            loss = losses.self_distillation_mse(m(xb), yb, t_logits, alpha=alpha, num_classes=10)
+            with numerics.autocast(device, precision):
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_logits = numerics.cast(teacher(xb))
+                z = numerics.cast(m(xb))
+            loss = losses.self_distillation_mse(z, yb, t_logits, alpha=alpha, num_classes=10)
             return loss + reg_coef * losses.l2_norm_sum(m.parameters()) if reg_coef else loss
 
         loader = data.TensorLoader(cifar.train_x, cifar.train_y, batch_size, shuffle=shuffle,
                                    seed=seed * 100 + step, augment=augment)
         tag = f"step{step}" + ("" if step == 0 else f"-alpha{alpha:g}")
         res = train.fit(model, loader, loss_fn, epochs=epochs, optimizer="adam", lr=lr,
-                        evaluate=lambda m: {"test_acc": test_accuracy(m, cifar)}, monitor="test_acc", mode="max",
+                        evaluate=lambda m: {"test_acc": test_accuracy(m, cifar, precision)}, monitor="test_acc", mode="max",
                         select="final", checkpoint=checkpoint(f"{tag}-seed{seed}"), seed=seed * 100 + step,
                         desc=desc + tag, progress=progress)
         accs = [h["test_acc"] for h in res.history]

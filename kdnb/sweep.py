@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from . import cli, runs, validate
+from . import cli, numerics, runs, validate
 
 BACKENDS = ("local", "ray")
 # files of a finished run that travel back to the driver when a Ray worker ran on another machine
@@ -241,7 +241,9 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
         while queue or running:
             if pool is None:
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
-            while queue:
+            # no more than the pool runs at once: a future handed to the pool beyond that sits in its call queue
+            # marked running, so a worker death would charge a retry to a trial that never started
+            while queue and len(running) < workers:
                 t = queue.popleft()
                 running[pool.submit(execute, notebook, t.given, results)] = t
             started |= {f for f in running if f.running()}
@@ -277,9 +279,41 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
                         t.status, t.error = "failed", "worker processes keep dying"
                         bar.update(1)
                     queue.clear()
+    except KeyboardInterrupt:
+        # one Ctrl-C: nothing more is scheduled and the running trials stop now (they resume from their checkpoints
+        # next time); waiting for them would keep the driver alive for as long as a trial takes
+        if pool is not None:
+            _stop_workers(pool)
+            pool.shutdown(wait=False, cancel_futures=True)
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes and what they started (papermill's Jupyter kernels)."""
+    import psutil
+
+    procs = []
+    for w in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            parent = psutil.Process(w.pid)
+            procs += parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=3)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: says how many trials are left (`kdnb sweep` exits 130)."""
 
 
 def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_per_trial, max_retries, bar, say):
@@ -309,6 +343,11 @@ def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_
                     t.status, t.error = "failed", _one_line(e)
                     say(f"FAILED {t.label()} after {max_retries} retries: {t.error}")
                 bar.update(1)
+    except KeyboardInterrupt:
+        for ref in list(refs):  # queued ones never start, running ones stop (and resume from checkpoints later)
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
     finally:
         if own:
             ray.shutdown()
@@ -316,24 +355,60 @@ def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_
 
 # --------------------------------------------------------------------------- summary
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _label(key: str, v) -> str:
+    return v if isinstance(v, str) else f"{key}={v:g}" if _number(v) else f"{key}={v}"
+
+
+def _dig(row, path: str):
+    """row['test']['miou'] for path 'test.miou'; None where it is missing."""
+    for key in path.split("."):
+        row = row.get(key) if isinstance(row, dict) else None
+    return row
+
+
+def _table(rows, metric: str, labels: tuple[str, ...], name: str | None = None) -> dict:
+    """{'name[label, ...]': value} from a metrics table (a list of row dicts); rows sharing labels (seeds) averaged."""
+    found: dict[str, list] = {}
+    for r in rows if isinstance(rows, list) else []:
+        v = _dig(r, metric)
+        if _number(v):
+            tag = ", ".join(_label(k, r.get(k)) for k in labels)
+            found.setdefault(f"{name or metric}[{tag}]", []).append(float(v))
+    return {k: sum(v) / len(v) for k, v in found.items()}
+
+
+# each study's headline numbers, which its metrics keep in tables the one-level flattening below cannot see: what a
+# grid over lr or epochs changes (01's seen/unseen and 04's test accuracies are flat dicts and need nothing here)
+HEADLINES = {
+    "02_voc_segmentation_kd": lambda m: _table(m.get("results"), "test.miou", ("variant", "student"), "miou"),
+    "03_dml_kd_calibration": lambda m: {**_table(m.get("summary"), "final_acc", ("run",)),
+                                        **_table(m.get("summary"), "ece", ("run",))},
+    "05_self_distillation": lambda m: _table(m.get("resnet"), "final_acc_mean", ("variant", "alpha", "step"),
+                                             "final_acc"),
+}
+
+
 def numeric_scalars(record: dict | None) -> dict:
-    """Numeric scalars of a run record: `metrics` flattened one level ('a', 'b.c') and the claims whose
-    value per seed is one number ('claim:E3', mean over the run's values)."""
+    """Numeric scalars of a run record: `metrics` flattened one level ('a', 'b.c'), the study's headline numbers
+    (HEADLINES: 'final_acc[corrected, alpha=0.6, step=2]') and the claims whose value per seed is one number
+    ('claim:E3', mean over the run's values)."""
     out = {}
     if not record:
         return out
-
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
     for k, v in (record.get("metrics") or {}).items():
-        if number(v):
+        if _number(v):
             out[k] = float(v)
         elif isinstance(v, dict):
-            out.update({f"{k}.{k2}": float(v2) for k2, v2 in v.items() if number(v2)})
+            out.update({f"{k}.{k2}": float(v2) for k2, v2 in v.items() if _number(v2)})
+    if record.get("notebook") in HEADLINES:
+        out.update(HEADLINES[record["notebook"]](record.get("metrics") or {}))
     for cid, entry in (record.get("claims") or {}).items():
         values = entry.get("values") if isinstance(entry, dict) else None
-        if isinstance(values, list) and values and all(number(v) for v in values):
+        if isinstance(values, list) and values and all(_number(v) for v in values):
             out[f"claim:{cid}"] = sum(values) / len(values)
     return out
 
@@ -411,6 +486,7 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     results = Path(results).resolve() if results is not None else None
 
     trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results)  # raises before anything runs
+    numerics.thread_policy()  # before the pool or Ray starts: workers and their kernels inherit it
     for t in trials:
         if (t.out / "run.json").is_file():
             t.status, t.record = "cached", json.loads((t.out / "run.json").read_text())
@@ -433,6 +509,10 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
         elif todo:
             _run_ray(todo, nb_arg, res_arg, address=address, workers=workers, cpus_per_trial=cpus_per_trial,
                      gpus_per_trial=gpus_per_trial, max_retries=max_retries, bar=bar, say=say)
+    except KeyboardInterrupt:
+        left = [t for t in todo if t.status not in ("done", "failed")]
+        raise SweepInterrupted(f"interrupted: {len(left)} of {len(trials)} trials not finished; rerun the same "
+                               "command to run them (interrupted ones resume from their checkpoints)") from None
     finally:
         bar.close()
     table = summarize(trials)

@@ -37,6 +37,24 @@ def non_negative_int(name: str, value: Any) -> int:
     return value
 
 
+def boolean(name: str, value: Any) -> bool:
+    # a string such as 'no' is truthy: it must not count as True (download='no' would reach the network)
+    if not isinstance(value, bool):
+        fail(name, value, "must be True or False")
+    return value
+
+
+# seeds feed torch.manual_seed after `seed * 1_000_003 + epoch`-style arithmetic (kdnb.train, kdnb.data): this bound
+# keeps every derived seed inside the 64-bit range torch accepts
+MAX_SEED = 2**32 - 1
+
+
+def seed(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        fail(name, value, f"must be an integer in 0..{MAX_SEED}")
+    return value
+
+
 def unit_interval(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         fail(name, value, "must be a number in [0, 1]")
@@ -101,9 +119,9 @@ def seeds(value: Any) -> list[int]:
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple)) or not value or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value
+        isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED for s in value
     ):
-        fail("seeds", value, "must be a non-empty list of integers >= 0")
+        fail("seeds", value, f"must be a non-empty list of integers in 0..{MAX_SEED}")
     if len(set(value)) != len(value):
         fail("seeds", value, "seeds must not repeat")
     return list(value)

@@ -57,6 +57,9 @@ VARIANTS = {
     "corrected": {"kd_reduction": "pixel_mean", "selection": "train_holdout"},
 }
 
+# the kind of value a parameter takes where no profile says (every profile leaves bf16 at None): kdnb.profiles
+PARAMETER_TYPES = {"bf16": "bool"}
+
 PROFILES = {
     # synthetic VOCdevkit (12 train / 6 val at 64x48 -> 64x64), random teacher, a few steps: the pipeline only
     "smoke": dict(seeds=[0], data_source="synthetic", image_size=64, epochs=1, batch_size=4, test_batch_size=8,

@@ -42,9 +42,41 @@ def test_missing_data_names_dataset_paths_and_how(tmp_path, monkeypatch):
 def test_resolver_order(tmp_path, monkeypatch):
     monkeypatch.setenv("KDNB_DATA", str(tmp_path / "env"))
     roots = data.candidate_roots("fashion_mnist", tmp_path / "param")
-    assert roots[:3] == [tmp_path / "param", tmp_path / "env", Path("data")]
+    assert roots[:3] == [tmp_path / "param", tmp_path / "env", data.REPO_DATA]
     assert roots[3] == data.DEBIAN_FASHION_MNIST
     assert data.DEBIAN_FASHION_MNIST not in data.candidate_roots("mnist")
+
+
+def test_default_data_folder_is_the_repositorys_wherever_the_process_runs(tmp_path, monkeypatch):
+    """Jupyter and kdnb run work in notebooks/: `./data` there was never the checkout's data/ (issue 15, item 6)."""
+    monkeypatch.delenv("KDNB_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert data.candidate_roots("mnist") == [Path(__file__).resolve().parent.parent / "data"]
+    assert data.candidate_roots("mnist", cwd=tmp_path / "elsewhere") == [data.REPO_DATA]
+
+
+def test_missing_data_lists_absolute_folders(tmp_path, monkeypatch):
+    monkeypatch.delenv("KDNB_DATA", raising=False)
+    monkeypatch.setattr(data, "REPO_DATA", tmp_path / "checkout" / "data")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataNotFoundError) as e:
+        data.require("mnist", "real", "relative/datasets")
+    assert f"  - {tmp_path / 'relative' / 'datasets'}\n  - {tmp_path / 'checkout' / 'data'}\n" in str(e.value)
+
+
+def test_gitignore_covers_a_symlinked_data_folder(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    shutil.copy(repo / ".gitignore", tmp_path / ".gitignore")
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "data").symlink_to(tmp_path / "datasets")  # `ln -s /big/disk/datasets data`, as users do
+    ignored = subprocess.run(["git", "-C", str(tmp_path), "check-ignore", "-q", "data"])
+    assert ignored.returncode == 0, ".gitignore does not cover a symlink named data (write /data, not /data/)"
 
 
 def test_real_path_offline_from_idx_files_written_here(tmp_path):

@@ -137,10 +137,30 @@ def test_cli_cuda_without_cuda(monkeypatch, capsys):
 
 
 def test_finished_run_killed_before_rename_keeps_its_notebook(tmp_path, capsys):
+    """Killed after papermill saved the finished notebook but before the rename: the notebook is kept."""
     _, _, resolved, out = cli.plan("05_self_distillation", {}, tmp_path)
     out.mkdir(parents=True)
     (out / "run.json").write_text("{}")
-    (out / "notebook.partial.ipynb").write_text("{}")
+    done = {"cells": [{"cell_type": "code", "metadata": {"papermill": {"status": "completed"}}, "source": ""}]}
+    (out / "notebook.partial.ipynb").write_text(json.dumps(done))
     assert cli.run("05_self_distillation", {}, results=tmp_path) == out
     assert (out / "notebook.ipynb").is_file() and not (out / "notebook.partial.ipynb").exists()
     assert "already finished" in capsys.readouterr().out
+
+
+def test_a_seeded_verdict_on_fewer_than_3_seeds_is_inconclusive(tmp_path):
+    from kdnb import report
+
+    def record(name, seeds, values):
+        d = tmp_path / "05_self_distillation" / name
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({
+            "notebook": "05_self_distillation", "params": {"profile": "reduced", "seeds": seeds},
+            "claims": {"E3": {"values": values, "seeds": seeds}}, "metrics": {}}))
+
+    record("reduced-a", [0, 1], [0.2041, 0.2041])
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
+    assert row["verdict"].startswith("inconclusive (n=2 < 3 seeds; this seed: ") and row["ci95"] is not None
+    record("reduced-b", [2], [0.2041])
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
+    assert row["seeds"] == 3 and not row["verdict"].startswith("inconclusive")

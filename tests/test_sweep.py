@@ -288,3 +288,40 @@ def test_report_figure_links_and_offline_reason(tmp_path):
     assert "(n=3)" in e3 and "[reduced-a](05_self_distillation/reduced-a/notebook.ipynb)" in e3
     assert "[reduced-b](05_self_distillation/reduced-b/notebook.ipynb)" in e3 and "smoke-c" not in text
     assert [r["claim"] for r in report.plotted(report.rows(tmp_path), "05_self_distillation")] == ["E1", "E3"]
+
+
+def test_ctrl_c_stops_the_sweep_and_its_trials_at_once(tiny, tmp_path):
+    """One SIGINT to the driver: no queued trial starts, the running one is stopped (its worker and kernel end),
+    what is left is said in one line, exit code 130, within seconds (issue 18, fault 7)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    res = tmp_path / "res"
+    code = ("import sys; from kdnb import cli; sys.exit(cli.main(sys.argv[1:]))")
+    driver = subprocess.Popen([sys.executable, "-c", code, "sweep", str(tiny), "--grid", "x=1,2,3", "-p", "sleep",
+                               "120", "--seeds", "0", "--results", str(res), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        victim = res / "tiny" / "_log" / "victim"
+        deadline = time.time() + 60
+        while not victim.is_file() and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.1)
+        assert victim.is_file(), driver.communicate(timeout=30)
+        worker = int(victim.read_text().split()[0])
+        kernel = [p.pid for p in psutil.Process(worker).children(recursive=True)]
+        t0 = time.time()
+        driver.send_signal(signal.SIGINT)
+        out, err = driver.communicate(timeout=30)
+        assert driver.returncode == 130, (out, err)
+        assert time.time() - t0 < 15
+        assert "Traceback" not in err and "3 of 3 trials not finished" in err
+        assert [line for line in executions(res) if line.startswith("start")] == executions(res)[:1]  # none started
+        time.sleep(0.5)
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                       for p in [worker] + kernel)
+    finally:  # never leave a driver behind when an assertion fails
+        if driver.poll() is None:
+            for p in psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]:
+                p.kill()
