@@ -264,9 +264,27 @@ def load_voc(root, image_set: str, size: int, *, download: bool = False, num_wor
                              transforms=ResizePair(size))
     if len(ds) == 0:
         raise data.DataNotFoundError("voc2012", [Path(root)], f"images listed in ImageSets/Segmentation/{image_set}.txt")
+    # the run's data identity covers VOC too: the split list and every image and mask it names (issue 18, fault 1)
+    listed = Path(root) / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / f"{image_set}.txt"
+    files = [listed, *ds.images, *ds.targets] if listed.is_file() else [*ds.images, *ds.targets]
+    identity = data._record_read("voc2012", image_set, source, files)
+    from PIL import Image
+
+    for path in map(Path, files):  # a truncated or unreadable file is one line now, not a PIL traceback inside a DataLoader
+        try:
+            if path.suffix in (".jpg", ".png"):
+                with Image.open(path) as im:
+                    im.verify()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise data.DataCorruptError("voc2012", path, f"{type(e).__name__}: {e}",
+                                        sample=source == "synthetic") from None
     loader = torch.utils.data.DataLoader(ds, batch_size=32, shuffle=False, num_workers=num_workers)
-    xs, ys = zip(*loader)
-    return data.Split(torch.cat(xs), torch.cat(ys), source)
+    try:
+        xs, ys = zip(*loader)
+    except (OSError, SyntaxError, ValueError) as e:  # verify() passes some truncations that decoding then meets
+        raise data.DataCorruptError("voc2012", root, f"an image or mask of {image_set} does not decode: {e}",
+                                    sample=source == "synthetic") from None
+    return data.Split(torch.cat(xs), torch.cat(ys), source, identity)
 
 
 # ============================================================================ augmentation (B.1), batched

@@ -403,3 +403,25 @@ def test_a_run_ids_thread_count_is_fixed_by_study_and_profile(monkeypatch):
         assert numerics.configure("reduced", "cpu", "05_self_distillation")["threads"] == 2
         assert numerics.configure("smoke", "cpu", "05_self_distillation") == {"dtype": "float64", "threads": 1}
     assert numerics.regime("full", "cuda", "05_self_distillation")["threads"] is None
+
+
+def test_voc_reads_enter_the_data_identity_and_a_corrupt_image_is_one_line(tmp_path):
+    """Faults 1 and 11 for 02: the VOC files a run reads are hashed into its data identity, and an image that does
+    not decode stops at load time with one line naming the dataset and the file."""
+    import shutil
+
+    from kdnb import data
+    from kdnb import voc_segmentation as vs
+
+    root = vs.voc_dataset_root("synthetic")
+    data.reset_reads()
+    split = vs.load_voc(root, "train", 32, source="synthetic")
+    entry = next(e for e in data.reads() if e["dataset"] == "voc2012")
+    assert len(entry["files"]) == 2 * len(split) + 1 and split.identity == data.identity_of([entry])
+    copy = tmp_path / "voc"
+    shutil.copytree(root, copy)
+    jpg = sorted((copy / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))[0]
+    jpg.write_bytes(jpg.read_bytes()[:40])
+    with pytest.raises(data.DataCorruptError) as e:
+        vs.load_voc(copy, "train", 32, source="real")
+    assert "voc2012" in str(e.value) and jpg.name in str(e.value) and "\n" not in str(e.value)
