@@ -299,9 +299,19 @@ def notebook_parameters(path: Path) -> dict:
     for cell in nb["cells"]:
         if "parameters" in cell.get("metadata", {}).get("tags", []):
             tree = ast.parse("".join(cell["source"]))
-            return {t.id: ast.literal_eval(s.value) for s in tree.body if isinstance(s, ast.Assign)
-                    for t in s.targets if isinstance(t, ast.Name)}
+            out = {t.id: ast.literal_eval(s.value) for s in tree.body if isinstance(s, ast.Assign)
+                   for t in s.targets if isinstance(t, ast.Name)}
+            # the annotated form papermill's --help-notebook reads: `lr: "Optional[float]" = None  # help`
+            out.update({s.target.id: ast.literal_eval(s.value) for s in tree.body
+                        if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None})
+            return {k: out[k] for k in sorted(out, key=lambda k: next(i for i, s in enumerate(tree.body)
+                                                                          if k in _names(s)))}
     raise EvidenceError(f"{path.name} has no cell tagged 'parameters'")
+
+
+def _names(stmt) -> set:
+    targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
 class _Tee(io.TextIOBase):
