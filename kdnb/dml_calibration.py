@@ -624,8 +624,8 @@ def evidence_markdown(profile: str = "reduced", results=None) -> str:
         return f"No committed `{profile}` run of this notebook: nothing to conclude from yet."
     recs.sort(key=lambda r: r["params"]["seeds"])
     seeds = [s for r in recs for s in r["params"]["seeds"]]
-    summ = [{row["run"]: row for row in json.loads((r["_dir"] / "metrics.json").read_text())["metrics"]["summary"]}
-            for r in recs]
+    logged = [json.loads((r["_dir"] / "metrics.json").read_text())["metrics"] for r in recs]
+    summ = [{row["run"]: row for row in m["summary"]} for m in logged]
     names = [n for n in summ[0] if n != "teacher" and all(n in s for s in summ)]
     col = lambda name, key: np.array([s[name][key] for s in summ], dtype=float)
     std = lambda a: f" ± {a.std(ddof=1):.4f}" if len(a) > 1 else ""
@@ -647,15 +647,13 @@ def evidence_markdown(profile: str = "reduced", results=None) -> str:
     lines.append(f"- **C2**, means over seeds, smoothed → unsmoothed Tf-KD: training-batch ECE {c2[0]:.3f} → {c2[1]:.3f}, "
                  f"test ECE {c2[2]:.3f} → {c2[3]:.3f}, entropy {c2[6]:.2f} → {c2[7]:.2f} nats; accuracy gain per seed "
                  f"{pts(col('tfkd', 'final_acc') - col('tfkd_smooth', 'final_acc'))} points.")
-    students = [n for n in names]
-    spread = lambda key: np.mean([max(s[n][key] for n in students) - min(s[n][key] for n in students) for s in summ])
+    spread = lambda key: np.mean([max(s[n][key] for n in names) - min(s[n][key] for n in names) for s in summ])
     lines.append(f"- **Temperature scaling**: spread of test ECE across the student runs (max − min, mean over seeds) "
                  f"{spread('ece'):.3f} before, {spread('ts_ece'):.3f} after; fitted T of tfkd_smooth "
                  f"{col('tfkd_smooth', 'ts_temperature').mean():.2f}.")
     cq = [n for n in names if n.startswith("crossq")]
     if cq:
-        t_acc = np.mean([json.loads((r["_dir"] / "metrics.json").read_text())["metrics"]["crossq"]["teacher_acc"][0]
-                         for r in recs])
+        t_acc = np.mean([m["crossq"]["teacher_acc"][0] for m in logged])
         lines.append(f"- **Cross-quality KD** ({cq[0]}): the teacher's accuracy on the downscaled test images "
                      f"{t_acc:.3f}; the student's test ECE {col(cq[0], 'ece').mean():.3f}. KD's from-scratch teacher "
                      f"{col('teacher', 'final_acc').mean():.3f} against the baseline's {base.mean():.3f}.")
