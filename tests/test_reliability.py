@@ -425,3 +425,16 @@ def test_voc_reads_enter_the_data_identity_and_a_corrupt_image_is_one_line(tmp_p
     with pytest.raises(data.DataCorruptError) as e:
         vs.load_voc(copy, "train", 32, source="real")
     assert "voc2012" in str(e.value) and jpg.name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_kdnb_run_finds_the_voc_files_a_finished_02_record_read():
+    """A finished 02 record lists VOC reads; kdnb run must find the same files again to compare them (it crashed
+    looking for VOC among the idx datasets), and the same files give the same identity."""
+    from kdnb import data
+    from kdnb import voc_segmentation as vs
+
+    data.reset_reads()
+    vs.load_voc(vs.voc_dataset_root("synthetic"), "train", 32, source="synthetic")
+    entry = next(e for e in data.reads() if e["dataset"] == "voc2012")
+    files = data.files_for("voc2012", "train", "synthetic")
+    assert {str(f.resolve()) for f in files} == set(entry["files"])
