@@ -4,6 +4,7 @@ reported-vs-reproduced table.
     kdnb run 05_self_distillation --profile reduced -p sd_alphas "[0.0, 0.6]"
     kdnb sweep 05_self_distillation --profile reduced --grid "sd_alphas=[0.0,0.6],[0.6]" epochs=5,10 --seeds 0,1,2
     kdnb sweep 05_self_distillation --grid lr=1e-3,1e-4 --seeds 0,1 --backend ray --address HEAD:6379 --gpus-per-trial 1
+    kdnb sweep 01_mnist_unseen_classes --profile full --ablate --seeds 0,1,2,3,4   (issue 12: one quirk at a time)
     kdnb report
 """
 from __future__ import annotations
@@ -228,6 +229,10 @@ def main(argv=None) -> int:
     s.add_argument("notebook", help="name (05_self_distillation) or path of a notebook")
     s.add_argument("--grid", nargs="+", action="extend", default=[], metavar="NAME=V1,V2",
                    help="one grid axis per NAME=V1,V2,... (repeatable)")
+    s.add_argument("--ablate", action="store_true",
+                   help="instead of --grid: the study's quirk flags one at a time (both ends, each flag corrected from "
+                        "faithful and restored from corrected, the protocol row); `kdnb report` writes "
+                        "results/attribution.csv from them")
     s.add_argument("--seeds", help="comma-separated seeds, each combination runs once per seed (e.g. 0,1,2)")
     s.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                    help="a parameter fixed for every trial")
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
             table = sweep.sweep(args.notebook, args.grid, seeds=args.seeds, fixed=fixed, backend=args.backend,
                                 address=args.address, workers=args.workers, cpus_per_trial=args.cpus_per_trial,
                                 gpus_per_trial=args.gpus_per_trial, max_retries=args.max_retries,
-                                results=args.results, progress=not args.no_progress)
+                                results=args.results, progress=not args.no_progress, ablate=args.ablate)
             if any(t["status"] == "failed" for t in table.attrs["trials"]):
                 return 1
         elif args.cmd == "report":

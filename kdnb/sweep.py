@@ -136,18 +136,21 @@ def _short(v) -> str:
 
 
 def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
-         results: Path | None = None) -> list[Trial]:
-    """Every trial, checked and resolved with kdnb.cli.plan before any of them starts."""
+         results: Path | None = None, points: list[dict] | None = None) -> list[Trial]:
+    """Every trial, checked and resolved with kdnb.cli.plan before any of them starts. `points` (a list of
+    parameter dicts, e.g. the ablation's) replaces the grid's product."""
     fixed = dict(fixed or {})
     path = cli.notebook_path(notebook)
     names = cli.notebook_parameters(path)
-    for name in list(grid) + list(fixed):  # name the first unknown parameter before expanding anything
+    if points is not None and grid:
+        raise ValueError("--ablate makes its own trials (one quirk flag at a time); it cannot take --grid too")
+    for name in list(grid) + list(fixed) + [k for p in points or [] for k in p]:  # the first unknown name, before any expansion
         if name not in names:
             raise ValueError(f"parameter {name!r} is not a parameter of {path.name}; "
                              f"its parameters are: {', '.join(names)}")
-    both = sorted(set(grid) & set(fixed))
+    both = sorted((set(grid) | {k for p in points or [] for k in p}) & set(fixed))
     if both:
-        raise ValueError(f"parameter {both[0]!r} is given both as a grid axis and as a fixed value")
+        raise ValueError(f"parameter {both[0]!r} is given both as a grid axis (or by --ablate) and as a fixed value")
     for name in cli.LOCATION_PARAMS:
         if name in grid:
             raise ValueError(f"parameter {name!r} says where things are, it cannot be a grid axis")
@@ -159,8 +162,7 @@ def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
         if seed_key in grid or seed_key in fixed:
             raise ValueError(f"parameter {seed_key!r} is given both with --seeds and as a parameter")
     trials, seen = [], {}
-    for combo in product(*grid.values()):
-        point = dict(zip(grid, combo))
+    for point in points if points is not None else [dict(zip(grid, combo)) for combo in product(*grid.values())]:
         for seed in (seeds if seeds is not None else [None]):
             given = {**fixed, **point}
             if seed is not None:
@@ -464,9 +466,11 @@ def format_summary(table) -> str:
 def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, backend: str = "local",
           address: str | None = None, workers: int | None = None, cpus_per_trial: float = 1,
           gpus_per_trial: float = 0, max_retries: int = 2, results: Path | str | None = None,
-          progress: bool = True, echo=print):
+          progress: bool = True, echo=print, ablate: bool = False):
     """Run every trial of the grid (x seeds) and return the summary table (pandas; one row per combination).
-    `grid` is {name: [values]} or a list of 'NAME=V1,V2' strings; `seeds` a list or '0,1,2'.
+    `grid` is {name: [values]} or a list of 'NAME=V1,V2' strings; `seeds` a list or '0,1,2'. `ablate=True`: instead
+    of a grid, the study's one-quirk-at-a-time points (kdnb.attribution.points: both ends, each flag flipped from
+    either end, the protocol row).
     The trials themselves are in `table.attrs['trials']` (point, seed, status, folder, error)."""
     from tqdm.auto import tqdm
 
@@ -485,7 +489,12 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     seeds = parse_seeds(seeds)
     results = Path(results).resolve() if results is not None else None
 
-    trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results)  # raises before anything runs
+    points = None
+    if ablate:
+        from . import attribution
+
+        points = [p for _, _, p in attribution.points(cli.notebook_path(notebook).stem)]
+    trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results, points=points)  # raises before anything runs
     numerics.thread_policy()  # before the pool or Ray starts: workers and their kernels inherit it
     for t in trials:
         if (t.out / "run.json").is_file():
@@ -496,7 +505,8 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     res_arg = str(results) if results is not None else None
     cached = len(trials) - len(todo)
     echo(f"sweep {cli.notebook_path(notebook).name}: {len(trials)} trials "
-         f"({len(trials) // max(1, len(seeds or [None]))} combinations x {len(seeds or [None])} seeds), "
+         f"({len(trials) // max(1, len(seeds or [None]))} {'ablation rows' if ablate else 'combinations'} "
+         f"x {len(seeds or [None])} seeds), "
          f"{cached} finished already, {len(todo)} to run on {backend}")
     bar = tqdm(total=len(trials), initial=cached, desc="trials", unit="trial", disable=not progress)
     say = bar.write if progress else echo

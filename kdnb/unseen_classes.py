@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, train, validate
+from . import data, losses, metrics, models, numerics, runs, train, validate
 
 NUM_CLASSES = 10
 VARIANTS = {
@@ -43,6 +43,10 @@ TEACHER_SOURCES = ("train_on_test", "train_on_train")
 VALIDATIONS = ("test", "heldout")
 VAL_LOSSES = ("source", "nll")
 SELECT = {"best_val": "best", "final": "final"}  # our name -> kdnb.train.fit's
+# the source's ReduceLROnPlateau(patience 4) on the validation loss, or none (issue 12's protocol row: the corrected
+# validation signal, a kept-digit NLL, then drives neither the learning rate nor, with es_patience = epochs and
+# select = final, early stopping or the weights kept)
+LR_SCHEDULES = ("plateau", "constant")
 STUDENTS = ("mlp", "linear")
 DATA_SOURCES = ("sample", "real")
 # The source's validation loader always used batches of 32 and its epoch loss divides by 32 * n_batches (A.5)
@@ -61,17 +65,19 @@ _TABLE1 = [0, 1, 2, 3, 4, 5]
 PROFILES = {
     # shipped MNIST sample (2,000 train / 1,000 test), 1-epoch teacher, 2 epochs: the pipeline, not a result
     "smoke": dict(seeds=[0], data_source="sample", kept_classes=_TABLE1, temperature=10.0, soft_weight=0.9, lr=0.01,
-                  epochs=2, batch_size=32, es_patience=15, select="best_val", student="mlp", teacher_epochs=1,
+                  epochs=2, batch_size=32, es_patience=15, select="best_val", lr_schedule="plateau", student="mlp", teacher_epochs=1,
                   teacher_lr=1e-3, teacher_seed=0, heldout_size=200, variants=["faithful", "corrected"]),
     # real MNIST, README table-1 configuration cut to 10 epochs and one seed (~3 min on one CPU core)
     "reduced": dict(seeds=[0], data_source="real", kept_classes=_TABLE1, temperature=10.0, soft_weight=0.9, lr=0.01,
-                    epochs=10, batch_size=32, es_patience=15, select="best_val", student="mlp", teacher_epochs=10,
+                    epochs=10, batch_size=32, es_patience=15, select="best_val", lr_schedule="plateau", student="mlp",
+                    teacher_epochs=10,
                     teacher_lr=1e-3, teacher_seed=0, heldout_size=5000, variants=["faithful", "corrected"]),
     # README table 1 (temperature_grid_search660dcc, 11 Dec 2021): kept 0-5, T=10, soft 0.9, SGD 0.01, <=70 epochs.
     # Teacher: up to 100 epochs, stopped by its early stopping (patience 8): the shipped test-trained teacher had
     # memorised the test set (val loss 0.0001), which takes many epochs; the corrected one stops far sooner.
     "full": dict(seeds=[0, 1, 2], data_source="real", kept_classes=_TABLE1, temperature=10.0, soft_weight=0.9,
-                 lr=0.01, epochs=70, batch_size=32, es_patience=15, select="best_val", student="mlp", teacher_epochs=100,
+                 lr=0.01, epochs=70, batch_size=32, es_patience=15, select="best_val", lr_schedule="plateau", student="mlp",
+                 teacher_epochs=100,
                  teacher_lr=1e-3, teacher_seed=0, heldout_size=5000, variants=["faithful", "corrected"]),
 }
 
@@ -96,7 +102,7 @@ def _number_list(name, value, check):
 
 
 def check(*, kept_classes, temperature, soft_weight, lr, epochs, batch_size, es_patience, select, student, variants,
-          teacher_epochs, teacher_lr, teacher_seed, heldout_size, data_source, **flags):
+          teacher_epochs, teacher_lr, teacher_seed, heldout_size, data_source, lr_schedule="plateau", **flags):
     """Every parameter, before any data is read: one ValueError naming the first bad one."""
     validate.classes("kept_classes", kept_classes, NUM_CLASSES)
     _number_list("temperature", temperature, lambda n, v: validate.temperature(v, n))
@@ -106,6 +112,7 @@ def check(*, kept_classes, temperature, soft_weight, lr, epochs, batch_size, es_
     validate.positive_int("batch_size", batch_size)
     validate.positive_int("es_patience", es_patience)
     validate.choice("select", select, SELECT)
+    validate.choice("lr_schedule", lr_schedule, LR_SCHEDULES)
     validate.choice("student", student, STUDENTS)
     validate.choices("variants", variants, VARIANTS)
     validate.positive_int("teacher_epochs", teacher_epochs)
@@ -495,11 +502,12 @@ def student_data(mnist: Mnist, kept_classes, *, validation: str, heldout_size: i
 
 def train_student(mnist: Mnist, teacher: models.TeacherMLP, *, kept_classes, seed: int, temperature: float,
                   soft_weight: float, lr: float, epochs: int, batch_size: int, es_patience: int, select: str,
-                  student: str, validation: str, val_loss: str, heldout_size: int, device: str = "cpu",
-                  checkpoint=None, desc: str = "student", progress: bool = False):
+                  student: str, validation: str, val_loss: str, heldout_size: int, lr_schedule: str = "plateau",
+                  device: str = "cpu", checkpoint=None, desc: str = "student", progress: bool = False):
     """Distil `teacher` into a fresh student on the kept classes. Returns (student with the selected weights,
     StudentData, FitResult)."""
     validate.choice("select", select, SELECT)
+    validate.choice("lr_schedule", lr_schedule, LR_SCHEDULES)
     sd = student_data(mnist, kept_classes, validation=validation, heldout_size=heldout_size, seed=seed)
     train.seed_everything(seed)  # A-Q9: the source set no seed anywhere
     model = models.student_mlp(student).to(device)
@@ -507,7 +515,8 @@ def train_student(mnist: Mnist, teacher: models.TeacherMLP, *, kept_classes, see
     loader = DistillLoader(sd.train.x, targets, batch_size, seed=seed)
     res = train.fit(model, loader, kd_loss(loader, sd.train.y, temperature=temperature, soft_weight=soft_weight),
                     step=sgd_kd_step(loader, sd.train.y, temperature=temperature, soft_weight=soft_weight),
-                    epochs=epochs, optimizer="sgd", lr=lr, scheduler="plateau", scheduler_kwargs={"patience": 4},
+                    epochs=epochs, optimizer="sgd", lr=lr, scheduler="plateau" if lr_schedule == "plateau" else None,
+                    scheduler_kwargs={"patience": 4} if lr_schedule == "plateau" else None,
                     evaluate=make_evaluate(sd.val.x, sd.val.y, val_loss=val_loss, seed=seed), monitor="val_loss",
                     es_patience=es_patience, select=SELECT[select], checkpoint=checkpoint, seed=seed, desc=desc,
                     progress=progress)
@@ -607,7 +616,8 @@ def run(mnist: Mnist, teachers: dict, params: dict, *, device: str = "cpu", chec
                     mnist, teacher, kept_classes=params["kept_classes"], seed=seed, **cell,
                     epochs=params["epochs"], batch_size=params["batch_size"], es_patience=params["es_patience"],
                     select=params["select"], student=params["student"], validation=flags["validation"],
-                    val_loss=flags["val_loss"], heldout_size=params["heldout_size"], device=device,
+                    val_loss=flags["val_loss"], heldout_size=params["heldout_size"],
+                    lr_schedule=params.get("lr_schedule", "plateau"), device=device,
                     checkpoint=checkpoint(name), desc=name, progress=progress)
                 ev = evaluate_student(model, mnist, sd, params["kept_classes"],
                                       eval_unscaled_inputs=flags["eval_unscaled_inputs"])
@@ -660,7 +670,8 @@ def formatted_table(rows: list[dict], kept_classes, key: str = "per_class"):
 
 # Claim id -> the run parameters under which the source reported it (papers/01_mnist_unseen_classes.yaml).
 # A claim is recorded only from students whose parameters, and all quirk flags, match.
-_SOURCE_DEC11 = dict(student="mlp", epochs=70, batch_size=32, select="best_val", es_patience=15, data_source="real")
+_SOURCE_DEC11 = dict(student="mlp", epochs=70, batch_size=32, select="best_val", es_patience=15, data_source="real",
+                     lr_schedule="plateau")
 _GRID = dict(_SOURCE_DEC11, kept_classes=_TABLE1, soft_weight=0.9)
 CLAIM_CONDITIONS = {
     "A1": dict(_GRID, temperature=10.0, lr=0.01),
@@ -674,7 +685,7 @@ CLAIM_CONDITIONS = {
     "A3-lr0.001-T20": dict(_GRID, temperature=20.0, lr=0.001),
     "A3-lr0.001-T2.5": dict(_GRID, temperature=2.5, lr=0.001),
     "A4": dict(student="linear", epochs=70, batch_size=32, select="final", es_patience=6, data_source="real",
-               kept_classes=_TABLE1, temperature=2.5, soft_weight=0.9, lr=0.01),
+               lr_schedule="plateau", kept_classes=_TABLE1, temperature=2.5, soft_weight=0.9, lr=0.01),
 }
 # The table-1 cell speaks to both A1 and A3-lr0.01-T10. Runs that repeat a seed (the 3-seed table-1 run and
 # the grid's seed 0) are counted once per seed by `kdnb report`, so no run needs to hold a claim back.
@@ -684,7 +695,8 @@ _CELL_KEYS = ("temperature", "soft_weight", "lr")
 
 def _matches(params: dict, row: dict, conditions: dict, *, flags: bool = True) -> bool:
     for k, want in conditions.items():
-        have = row[k] if k in _CELL_KEYS else params[k]
+        # a parameter added after a record was made (lr_schedule) had the value every earlier run used
+        have = row[k] if k in _CELL_KEYS else params.get(k, runs.ADDED_LATER.get(k))
         if k == "kept_classes":
             have, want = sorted(have), sorted(want)
         if have != want:
@@ -776,3 +788,27 @@ def metrics_record(rows: list[dict], kept_classes) -> dict:
     seen = {f"{r['variant']} {r['cell']}": r["seen_mean"] for r in summary}
     unseen = {f"{r['variant']} {r['cell']}": r["unseen_mean"] for r in summary if r["unseen_mean"] is not None}
     return {"students": students, "summary": summary, "history": history, "seen_mean": seen, "unseen_mean": unseen}
+
+
+# ---------------------------------------------------------------- attribution (issue 12, kdnb.attribution)
+
+# each quirk flag with its faithful and corrected value; a run starts at either end through `variants`
+QUIRKS = {k: (VARIANTS["faithful"][k], VARIANTS["corrected"][k]) for k in VARIANTS["faithful"]}
+ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
+# the protocol row: no validation signal drives the learning rate, early stopping or the weights kept
+PROTOCOL = {"lr_schedule": "constant", "es_patience": 70, "select": "final"}  # 70 = the A1 epochs: never stops
+PROTOCOL_DEFAULT = {k: CLAIM_CONDITIONS["A1"][k] for k in PROTOCOL}
+ATTRIBUTION = {"A1": "unseen_mean"}  # mean test accuracy (%) of digits 6-9, as the row's evaluation reports it
+
+
+def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
+    """One sample per student of a run record that trained the claim's configuration (its conditions, quirk flags
+    and the PROTOCOL keys aside): its flags, protocol, seed and the claim's metric."""
+    cond = {k: v for k, v in CLAIM_CONDITIONS[claim].items() if k not in PROTOCOL}
+    out = []
+    for r in metrics.get("students", []):
+        if "flags" not in r or not _matches(params, r, cond, flags=False):
+            continue
+        protocol = {k: params.get(k, runs.ADDED_LATER.get(k)) for k in PROTOCOL}
+        out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim]]})
+    return out
