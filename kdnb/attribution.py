@@ -6,7 +6,7 @@ A study that takes part declares, in its module:
   PROTOCOL        params that take the training protocol itself away from a validation signal (optional): the
                   correction changes *which* loss drives the scheduler and early stopping, and that choice is ours,
                   so it gets its own row from either start
-  ATTRIBUTION     {claim id: metric name}: the claims to attribute and what their value per seed is
+  ATTRIBUTION     {claim id: (metric name, what it is)}: the claims to attribute and their value per seed
   attribution_samples(claim, params, metrics) -> [{'flags', 'protocol', 'seed', 'value'}], one per trained model
 `points()` is what `kdnb sweep NB --ablate` runs: from faithful, correct one flag at a time; from corrected, restore
 one at a time; both ends; the protocol row. `rows()` reads the run records back (any record whose models sit at one
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import papers, profiles
+from . import papers, profiles, runs
 
 STARTS = ("faithful", "corrected")
 COLUMNS = ["notebook", "claim", "start", "change", "n_seeds", "metric", "mean", "std", "ci95_low", "ci95_high",
@@ -107,14 +107,13 @@ def rows(records: list[dict]) -> list[dict]:
     for notebook in studies():
         m = study(notebook)
         order = {(s, c): i for i, (s, c, _) in enumerate(points(notebook))}
-        for claim, metric in m.ATTRIBUTION.items():
+        for claim, (metric, _) in m.ATTRIBUTION.items():
             found: dict[tuple[str, str], dict] = {}
-            for rec in sorted((r for r in records if r.get("notebook") == notebook),
-                              key=lambda r: str(r.get("run_id"))):
+            for rec in runs.newest_first([r for r in records if r.get("notebook") == notebook]):
                 for sample in m.attribution_samples(claim, rec["params"], rec.get("metrics") or {}):
                     for key in classify(m, sample):
                         slot = found.setdefault(key, {"values": {}, "runs": set()})
-                        if sample["seed"] not in slot["values"]:  # a seed computed twice (two runs) counts once
+                        if sample["seed"] not in slot["values"]:  # a seed computed twice counts once: the newest run
                             slot["values"][sample["seed"]] = sample["value"]
                             slot["runs"].add(rec.get("run_id") or Path(rec["_dir"]).name)
             base = {start: t_interval(list(found[(start, "none")]["values"].values()))[0]
@@ -242,7 +241,7 @@ def figure(table: list[dict], notebook: str):
                 x += 1
             x += 0.5  # a gap between the two starts
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"{rs[0]['metric']}")
+        ax.set_ylabel(study(notebook).ATTRIBUTION[claim][1], fontsize=8)
         ax.set_title(f"{claim}: one quirk at a time (mean ± 95 % t-interval over seeds; n per row in "
                      f"results/attribution.csv)", fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
@@ -252,3 +251,26 @@ def figure(table: list[dict], notebook: str):
 
 def figure_path(notebook: str) -> str:
     return f"figures/{notebook}-attribution.png"
+
+
+def show(notebook: str, results: Path | None = None) -> None:
+    """A notebook's conclusion: the committed ablation of its claims (tables, sentences, figure), read from
+    results/ only (nothing is trained here), or how to produce it."""
+    from IPython.display import Image, Markdown, display
+
+    from . import report
+
+    results = runs.RESULTS if results is None else results
+    table = [r for r in rows(report.load_runs(results)) if r["notebook"] == notebook]
+    if table:
+        display(Markdown(markdown(table, notebook)))
+        figure = results / figure_path(notebook)
+        if figure.is_file():
+            display(Image(filename=str(figure)))
+    elif study(notebook) is not None:
+        display(Markdown(f"No one-at-a-time ablation of {notebook} is committed yet: "
+                         f"`kdnb sweep {notebook} --profile full --ablate --seeds 0,1,2,3,4`, then `kdnb report`."))
+    else:
+        display(Markdown(f"{notebook} does not declare its quirk flags for `kdnb sweep --ablate` yet (QUIRKS and "
+                         f"ATTRIBUTION in its module, see `kdnb/attribution.py`); its faithful and corrected variants "
+                         f"are compared as a whole in the sections above."))

@@ -127,6 +127,14 @@ def run_id(params: dict) -> str:
     return f"{params.get('profile', 'run')}-{digest}"
 
 
+def newest_first(records: list[dict]) -> list[dict]:
+    """Records by finish time, newest first (then by run id): where two runs computed the same seed, the newest one's
+    value is the one counted - an older run may predate a code or thread-count change (float32 full runs are not
+    bit-equal across thread counts)."""
+    return sorted(sorted(records, key=lambda r: str(r.get("run_id"))), key=lambda r: str(r.get("finished") or ""),
+                  reverse=True)
+
+
 def git_commit() -> str | None:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,

@@ -798,7 +798,8 @@ ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
 # the protocol row: no validation signal drives the learning rate, early stopping or the weights kept
 PROTOCOL = {"lr_schedule": "constant", "es_patience": 70, "select": "final"}  # 70 = the A1 epochs: never stops
 PROTOCOL_DEFAULT = {k: CLAIM_CONDITIONS["A1"][k] for k in PROTOCOL}
-ATTRIBUTION = {"A1": "unseen_mean"}  # mean test accuracy (%) of digits 6-9, as the row's evaluation reports it
+# claim -> (metric, what it is): the student's reported per-class accuracy averaged over the unseen digits
+ATTRIBUTION = {"A1": ("unseen_mean", "mean test accuracy of digits 6-9 (%), as the row's evaluation reports it")}
 
 
 def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
@@ -810,5 +811,5 @@ def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
         if "flags" not in r or not _matches(params, r, cond, flags=False):
             continue
         protocol = {k: params.get(k, runs.ADDED_LATER.get(k)) for k in PROTOCOL}
-        out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim]]})
+        out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim][0]]})
     return out
