@@ -31,7 +31,7 @@ RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
 # parameters added after run records were committed, with the value every earlier run computed with: at that value
 # they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
-ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau"}
+ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None}
 
 
 class NotWritableError(PermissionError):
