@@ -7,7 +7,9 @@ A study that takes part declares, in its module:
                   correction changes *which* loss drives the scheduler and early stopping, and that choice is ours,
                   so it gets its own row from either start
   ATTRIBUTION     {claim id: (metric name, what it is)}: the claims to attribute and their value per seed
+  ATTRIBUTION_PROFILE  the profile whose runs the rows rest on (`kdnb sweep --ablate` runs it by default)
   attribution_samples(claim, params, metrics) -> [{'flags', 'protocol', 'seed', 'value'}], one per trained model
+  ABLATION_RUNS   (optional) fewer runs that cover every row (04 trains both t2_scaling values in one run)
 `points()` is what `kdnb sweep NB --ablate` runs: from faithful, correct one flag at a time; from corrected, restore
 one at a time; both ends; the protocol row. `rows()` reads the run records back (any record whose models sit at one
 of those points counts, whichever sweep or run made it) into results/attribution.csv, one row per
@@ -109,7 +111,9 @@ def rows(records: list[dict]) -> list[dict]:
         order = {(s, c): i for i, (s, c, _) in enumerate(points(notebook))}
         for claim, (metric, _) in m.ATTRIBUTION.items():
             found: dict[tuple[str, str], dict] = {}
-            for rec in runs.newest_first([r for r in records if r.get("notebook") == notebook]):
+            mine = [r for r in records if r.get("notebook") == notebook
+                    and r.get("params", {}).get("profile") == m.ATTRIBUTION_PROFILE]
+            for rec in runs.newest_first(mine):
                 for sample in m.attribution_samples(claim, rec["params"], rec.get("metrics") or {}):
                     for key in classify(m, sample):
                         slot = found.setdefault(key, {"values": {}, "runs": set()})

@@ -570,7 +570,14 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     if ablate:
         from . import attribution
 
-        points = [p for _, _, p in attribution.points(cli.notebook_path(notebook).stem)]
+        name = cli.notebook_path(notebook).stem
+        rows = attribution.points(name)  # a study without quirk flags: one line naming those that have them
+        study = attribution.study(name)
+        fixed = {"profile": study.ATTRIBUTION_PROFILE, **(fixed or {})}  # the profile its rows rest on, unless given
+        # a study may cover every row with fewer runs (04: both t2_scaling values in one run); rows that are the
+        # same parameters from either end (two flags: faithful + one = corrected - the other) run once
+        runs_ = getattr(study, "ABLATION_RUNS", None) or [p for _, _, p in rows]
+        points = list({json.dumps(p, sort_keys=True): p for p in runs_}.values())
     trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results, points=points)  # raises before anything runs
     numerics.thread_policy()  # before the pool or Ray starts: workers and their kernels inherit it
     for t in trials:

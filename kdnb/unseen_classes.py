@@ -799,6 +799,7 @@ ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
 PROTOCOL = {"lr_schedule": "constant", "es_patience": 70, "select": "final"}  # 70 = the A1 epochs: never stops
 PROTOCOL_DEFAULT = {k: CLAIM_CONDITIONS["A1"][k] for k in PROTOCOL}
 # claim -> (metric, what it is): the student's reported per-class accuracy averaged over the unseen digits
+ATTRIBUTION_PROFILE = "full"
 ATTRIBUTION = {"A1": ("unseen_mean", "mean test accuracy of digits 6-9 (%), as the row's evaluation reports it")}
 
 

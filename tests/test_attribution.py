@@ -156,3 +156,31 @@ def test_report_writes_attribution_csv_with_the_issue_columns(tmp_path):
     assert lines[1].startswith(f"{NB},A1,faithful,none,3,unseen_mean,91.0000,1.0000,")
     assert (tmp_path / attribution.figure_path(NB)).is_file()
     assert "### Why not: one quirk at a time" in (tmp_path / "README.md").read_text()
+
+
+def test_two_flag_study_covers_its_rows_with_two_runs_per_seed(tmp_path):
+    """04: both t2_scaling values train in one run, so `--ablate` runs validation=test and =holdout per seed, at the
+    study's attribution profile unless one is given; a model one flag from both ends belongs to two rows."""
+    from kdnb import emnist_student as es
+
+    pts = [p for _, _, p in attribution.points("04_emnist_mlp_student")]
+    assert len(pts) == 6
+    trials = sweep.plan("04_emnist_mlp_student", {}, seeds=[0], fixed={"profile": es.ATTRIBUTION_PROFILE},
+                        results=tmp_path, points=es.ABLATION_RUNS)
+    assert [t.resolved["validation"] for t in trials] == ["test", "holdout"]
+    assert all(t.resolved["t2_scaling"] == [False, True] and t.resolved["profile"] == "reduced" for t in trials)
+    mixed = {"flags": {"t2_scaling": True, "validation": "test"}, "protocol": {}}
+    assert attribution.classify(es, mixed) == [("faithful", "t2_scaling=True"), ("corrected", "validation=test")]
+
+
+def test_ablate_runs_the_study_attribution_profile_unless_told(monkeypatch):
+    seen = []
+
+    def fake_plan(notebook, grid, **kw):
+        seen.append(kw)
+        raise ValueError("planned")
+    monkeypatch.setattr(sweep, "plan", fake_plan)
+    for fixed, profile in ((None, "full"), ({"profile": "reduced"}, "reduced")):
+        with pytest.raises(ValueError, match="planned"):
+            sweep.sweep(NB, seeds=[0], fixed=fixed, ablate=True, progress=False)
+        assert seen[-1]["fixed"]["profile"] == profile and len(seen[-1]["points"]) == 14
