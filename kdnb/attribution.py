@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import papers, profiles, runs
+from . import metrics, papers, profiles, runs
 
 STARTS = ("faithful", "corrected")
 COLUMNS = ["notebook", "claim", "start", "change", "n_seeds", "metric", "mean", "std", "ci95_low", "ci95_high",
@@ -96,10 +96,8 @@ def t_interval(values: list[float]) -> tuple[float, float, float | None, float |
     mean = float(arr.mean())
     if len(arr) < 2:
         return mean, float("nan"), None, None
-    from scipy import stats
-
     std = float(arr.std(ddof=1))
-    half = std * float(stats.t.ppf(0.975, len(arr) - 1)) / math.sqrt(len(arr))
+    half = float(metrics.ci95_halfwidth(std, len(arr)))
     return mean, std, mean - half, mean + half
 
 
@@ -125,7 +123,7 @@ def rows(records: list[dict]) -> list[dict]:
             for (start, change) in sorted(found, key=lambda k: order.get(k, len(order))):
                 slot = found[(start, change)]
                 mean, std, lo, hi = t_interval(list(slot["values"].values()))
-                delta = mean - base[start] if start in base and change != "none" else (0.0 if change == "none" else None)
+                delta = 0.0 if change == "none" else (mean - base[start] if start in base else None)
                 out.append({"notebook": notebook, "claim": claim, "start": start, "change": change,
                             "n_seeds": len(slot["values"]), "metric": metric, "mean": mean, "std": std,
                             "ci95_low": lo, "ci95_high": hi, "delta_vs_start": delta,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import attribution, papers, runs
+from .metrics import ci95_halfwidth  # noqa: F401 (report.ci95_halfwidth: the rows' intervals)
 
 PROFILE_ORDER = {"full": 0, "reduced": 1}
 # a verdict of a seed-dependent claim rests on at least this many seeds; fewer is "inconclusive" (DEVELOPERS.md)
@@ -89,15 +90,6 @@ def _aggregate(values: list):
     mean = arr.mean(axis=0)
     std = arr.std(axis=0, ddof=1) if len(arr) > 1 else None
     return mean, std
-
-
-def ci95_halfwidth(std, n: int):
-    """Half-width of the two-sided 95 % Student-t interval of a mean over n seeds (None below 2 seeds)."""
-    if std is None or n < 2:
-        return None
-    from scipy import stats
-
-    return np.asarray(std) * stats.t.ppf(0.975, n - 1) / math.sqrt(n)
 
 
 def rows(results: Path = runs.RESULTS) -> list[dict]:
