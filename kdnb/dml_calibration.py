@@ -1,5 +1,6 @@
-"""Study C (PiaCuk/distillistic, STUDIES.md C): supervised baseline, vanilla KD from a ResNet-50, Deep Mutual
-Learning (DML, DML_e), Tf-KD with the virtual teacher and cross-quality KD on Fashion-MNIST, with calibration.
+"""Study C (PiaCuk/distillistic, papers/03_dml_kd_calibration.md): supervised baseline, vanilla KD from a ResNet-50,
+Deep Mutual Learning (DML, DML_e), Tf-KD with the virtual teacher and cross-quality KD on Fashion-MNIST, with
+calibration.
 
 Losses (kdnb.losses, C.3; w = distil_weight):
   baseline   CE(z, y)

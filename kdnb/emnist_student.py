@@ -1,5 +1,5 @@
-"""Study D (johnkorn/distillation at e134fc5, STUDIES.md D): a Keras CNN teacher distilled into a 512-unit MLP
-on EMNIST letters, with Keras 2.0 semantics written out in torch.
+"""Study D (johnkorn/distillation at e134fc5, papers/04_emnist_mlp_student.md): a Keras CNN teacher distilled into
+a 512-unit MLP on EMNIST letters, with Keras 2.0 semantics written out in torch.
 
 Teacher CNN (3,378,970 parameters for 26 classes) and MLP student (415,258), glorot-uniform kernels and zero
 biases, Adadelta(lr=1.0, rho=0.95, eps=1e-8) (Keras 2.0's defaults, not torch's), batch 256, shuffled every epoch,

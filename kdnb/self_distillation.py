@@ -1,4 +1,4 @@
-"""Study E, ResNet part (Kennethborup/self_distillation `self_distiller.py`, STUDIES.md E.2).
+"""Study E, ResNet part (Kennethborup/self_distillation `self_distiller.py`, papers/05_self_distillation.md §E.2).
 
 Step 0 fits the ground truth; step t >= 1 trains a fresh network on
     alpha * MSE(softmax(z), onehot(y)) + (1 - alpha) * MSE(softmax(z), softmax(z_teacher))

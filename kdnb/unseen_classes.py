@@ -1,4 +1,5 @@
-"""Study A (AditMeh/Distillation, STUDIES.md A): MNIST soft-label KD into an MLP that never sees some digits.
+"""Study A (AditMeh/Distillation, papers/01_mnist_unseen_classes.md): MNIST soft-label KD into an MLP that never
+sees some digits.
 
 A 784-512-128-10 teacher (trained here, cached on disk by its configuration) distils into a 784-196-10 (or
 784-10) student trained only on the images of `kept_classes`; per-class test accuracy then shows how much
