@@ -207,10 +207,12 @@ def _numeric(v) -> bool:
 
 
 def plotted(table: list[dict], study: str) -> list[dict]:
-    """Rows of a study that its figure shows: a numeric reported value and a reproduced one of the same shape."""
-    return [r for r in table if r["study"] == study and _numeric(r["reported"]) and _numeric(r["reproduced"])
-            and isinstance(r["reported"], list) == isinstance(r["reproduced"], list)
-            and (not isinstance(r["reported"], list) or len(r["reported"]) == len(r["reproduced"]))]
+    """Rows of a study that its figure shows: a numeric reproduced value, with a reported one of the same shape or
+    none at all (a qualitative claim or a stand-in: our numbers are drawn alone and the panel says so)."""
+    return [r for r in table if r["study"] == study and _numeric(r["reproduced"])
+            and (r["reported"] is None or (_numeric(r["reported"])
+                 and isinstance(r["reported"], list) == isinstance(r["reproduced"], list)
+                 and (not isinstance(r["reported"], list) or len(r["reported"]) == len(r["reproduced"]))))]
 
 
 def figure_path(study: str) -> str:
@@ -232,11 +234,14 @@ def render_figure(table: list[dict], study: str):
         ax.set_visible(False)
     for ax, claim_id in zip(axes, claims):
         rows_ = [r for r in shown if r["claim"] == claim_id]
-        reported = np.atleast_1d(np.asarray(rows_[0]["reported"], dtype=float))
-        scalar = not isinstance(rows_[0]["reported"], list)
-        x = np.arange(len(reported))
-        ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
-        tol = rows_[0].get("tolerance")
+        has_reported = rows_[0]["reported"] is not None
+        shape = rows_[0]["reported"] if has_reported else rows_[0]["reproduced"]
+        scalar = not isinstance(shape, list)
+        x = np.arange(len(np.atleast_1d(shape)))
+        reported = np.atleast_1d(np.asarray(rows_[0]["reported"], dtype=float)) if has_reported else None
+        if has_reported:
+            ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
+        tol = rows_[0].get("tolerance") if has_reported else None
         if tol:  # the band a reproduced mean must fall in to count as reproduced
             span = np.array([-0.5, len(rows_) + 0.5]) if scalar else x
             ax.fill_between(span, *(np.broadcast_to(reported, span.shape) + d for d in (-tol, tol)) if scalar else
@@ -247,20 +252,34 @@ def render_figure(table: list[dict], study: str):
             at = np.array([i + 1.0]) if scalar else x + 0.08 * (i + 1)  # scalars: one column per profile
             ax.errorbar(at, mean, yerr=std, fmt="o" if scalar else "o-", ms=4, capsize=3,
                         label=f"{r['profile']} (n={r['seeds']}): {r['verdict'].split(' (')[0]}")  # reasons: README
-        ax.set_title(claim_id, fontsize=10, loc="left")
+        ax.set_title(claim_id + ("" if has_reported else " (no reported number)"), fontsize=10, loc="left")
         if scalar:
-            ax.set_xticks(range(len(rows_) + 1), ["reported"] + [r["profile"] for r in rows_])
-            ax.set_xlim(-0.5, len(rows_) + 0.5)
-            ax.set_ylim(*scalar_ylim(reported[0], tol, [r["reproduced"] + sign * (r.get("ci95") or 0)
-                                                         for r in rows_ for sign in (-1, 1)]))
+            first = 0 if has_reported else 1
+            ax.set_xticks(range(first, len(rows_) + 1), (["reported"] if has_reported else [])
+                          + [r["profile"] for r in rows_])
+            ax.set_xlim(first - 0.5, len(rows_) + 0.5)
+            centre = reported[0] if has_reported else float(np.mean([r["reproduced"] for r in rows_]))
+            # no reported value: a margin of its own (near zero, 2 % of the value would zoom into noise)
+            margin = tol if has_reported else max(0.05, 0.01 * abs(centre))
+            ax.set_ylim(*scalar_ylim(centre, margin, [r["reproduced"] + sign * (r.get("ci95") or 0)
+                                                      for r in rows_ for sign in (-1, 1)]))
             ax.ticklabel_format(axis="y", useOffset=False)
         else:
-            axis, labels = element_axis(study, claim_id, len(reported))
-            ax.set_xticks(x, labels)
+            axis, labels = element_axis(study, claim_id, len(x))
+            long = max(map(len, labels)) > 3
+            ax.set_xticks(x, labels, rotation=30 if long else 0, ha="right" if long else "center", fontsize=7 if long else None)
             ax.set_xlabel(axis)
+        card_claim = papers.claim(study, claim_id)
+        ax.set_ylabel((card_claim.get("elements") or {}).get("value") or _short_metric(card_claim["metric"]), fontsize=7)
         ax.legend(fontsize=7)
     fig.suptitle(f"{study}: reported vs reproduced (mean ± 95 % t-interval over seeds)", fontsize=11)
     return fig
+
+
+def _short_metric(metric: str, width: int = 48) -> str:
+    """The card's metric as a y-axis label: its first clause, cut to fit beside a panel."""
+    text = metric.split(";")[0].split(" vs ")[0].strip()
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def element_axis(study: str, claim_id: str, n: int) -> tuple[str, list[str]]:
