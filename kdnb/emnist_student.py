@@ -540,8 +540,7 @@ ATTRIBUTION = {"D3-mnist-standin": ("kd_test_acc", "distilled MLP's test accurac
 def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
     """One sample per distilled student of a run made under the claim's conditions (the quirk flags aside)."""
     cond = {k: v for k, v in CLAIM_CONDITIONS.items() if k not in QUIRKS}
-    if (params.get("profile") == "smoke" or claim_id("D3", params.get("dataset")) != claim
-            or any(params.get(k) != v for k, v in cond.items())):
+    if claim_id("D3", params.get("dataset")) != claim or any(params.get(k) != v for k, v in cond.items()):
         return []
     return [{"flags": {"t2_scaling": r["t2_scaling"], "validation": params["validation"]}, "protocol": {},
              "seed": r["seed"], "value": _pct(r["test_acc"])} for r in metrics.get("students", []) if r["model"] == "kd"]

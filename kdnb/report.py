@@ -92,8 +92,8 @@ def _aggregate(values: list):
     return mean, std
 
 
-def rows(results: Path = runs.RESULTS) -> list[dict]:
-    records = load_runs(results)
+def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> list[dict]:
+    records = load_runs(results) if records is None else records
     table = []
     for card in papers.all_cards():
         nb = card["notebook"]
@@ -130,7 +130,8 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                 else:
                     verdict = "no values"
                 if verdict not in ("no reported number", "no values") and _seeded(entries) and len(values) < MIN_SEEDS:
-                    verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; this seed: {verdict})"
+                    said = "this seed says" if len(values) == 1 else "these seeds say"
+                    verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; {said}: {verdict.split(' (')[0]})"
                 table.append(dict(base, profile=profile, reproduced=_tolist(mean), std=_tolist(std),
                                   ci95=_tolist(ci95_halfwidth(std, len(values))), seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
                                   runs=[str(r["_dir"].relative_to(results)) for r in recs]))
@@ -143,13 +144,15 @@ def judge(diff, ci, tolerance: float) -> str:
     when the interval is wider than the tolerance itself: then the seeds cannot tell a mean inside the band from one
     outside it. `ci` is the interval's half-width (None for an exact, seedless value or a single seed)."""
     diff = np.abs(np.atleast_1d(np.asarray(diff, dtype=float)))
+    if not np.all(np.isfinite(diff)):
+        return "no values"
     half = np.zeros_like(diff) if ci is None else np.broadcast_to(np.asarray(ci, dtype=float), diff.shape)
-    inside = bool(np.all(diff <= tolerance + half + 1e-12))
-    verdict = "reproduced" if inside else "not reproduced"
+    if not np.all(diff <= tolerance + half + 1e-12):
+        return "not reproduced"  # outside even the widened interval: a wide interval cannot rescue it
     if ci is not None and float(np.max(half)) > tolerance + 1e-12:
-        return f"inconclusive (95 % interval ± {float(np.max(half)):.3g} is wider than the tolerance {tolerance:g}; " \
-               f"inside the widened interval: {'yes' if inside else 'no'})"
-    return verdict
+        return (f"inconclusive (95 % interval ± {float(np.max(half)):.3g} is wider than the tolerance {tolerance:g}: "
+                f"the reported value is inside it, but so would be values outside the tolerance)")
+    return "reproduced"
 
 
 def _values_once_per_seed(entries: list[dict]) -> list:
@@ -372,8 +375,9 @@ def _write_figures(pngs: dict[str, bytes], results: Path) -> list[Path]:
 def write(results: Path = runs.RESULTS) -> tuple[Path, Path]:
     """README.md, summary.csv and figures/, all or nothing: everything is rendered in memory and every folder
     proven writable before the first file is replaced, so a read-only results root leaves the old report whole."""
-    table = rows(results)
-    ablation = attribution.rows(load_runs(results))
+    records = load_runs(results)
+    table = rows(results, records)
+    ablation = attribution.rows(records)
     markdown = render_markdown(table, ablation)
     buf = io.StringIO()
     fields = ["study", "claim", "profile", "reported", "tolerance", "reproduced", "std", "ci95", "seeds", "diff", "verdict",

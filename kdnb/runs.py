@@ -34,6 +34,11 @@ NOT_IN_RUN_ID = ("output_dir", "data_dir")
 ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None}
 
 
+def param(params: dict, name: str):
+    """A record's parameter; one added after the record was made (ADDED_LATER) has the value every earlier run used."""
+    return params.get(name, ADDED_LATER.get(name))
+
+
 class NotWritableError(PermissionError):
     """A folder a run must write (results, checkpoints, the kdnb cache) is not writable: one line naming it,
     raised before any work so that no training is thrown away at its first write."""

@@ -426,7 +426,8 @@ def check_cluster(address: str, python: str | None = None, timeout: float = PROB
                          "give it the cluster's token (export RAY_AUTH_TOKEN=... or copy ~/.ray/auth_token from the "
                          "head node) with RAY_AUTH_MODE=token")
     if not answered:
-        raise ValueError(f"address={address!r}: the Ray cluster did not answer within {timeout:g} s")
+        raise ValueError(f"address={address!r}: the Ray cluster did not answer within {timeout:g} s (is its head "
+                         "running there? `ray status --address ...` on that node; check the host and port)")
     if proc.returncode != 0:
         last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
         raise ValueError(f"address={address!r}: cannot join the Ray cluster: {last[-300:]}")
@@ -571,13 +572,16 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
         from . import attribution
 
         name = cli.notebook_path(notebook).stem
-        rows = attribution.points(name)  # a study without quirk flags: one line naming those that have them
+        ablation_rows = attribution.points(name)  # a study without quirk flags: one line naming those that have them
         study = attribution.study(name)
-        fixed = {"profile": study.ATTRIBUTION_PROFILE, **(fixed or {})}  # the profile its rows rest on, unless given
+        fixed = {"profile": study.ATTRIBUTION_PROFILE, **(fixed or {})}
+        if fixed["profile"] != study.ATTRIBUTION_PROFILE:  # its records would never reach results/attribution.csv
+            validate.fail("profile", fixed["profile"], f"--ablate runs {name}'s attribution profile "
+                          f"{study.ATTRIBUTION_PROFILE!r} (leave --profile out)")
         # a study may cover every row with fewer runs (04: both t2_scaling values in one run); rows that are the
         # same parameters from either end (two flags: faithful + one = corrected - the other) run once
-        runs_ = getattr(study, "ABLATION_RUNS", None) or [p for _, _, p in rows]
-        points = list({json.dumps(p, sort_keys=True): p for p in runs_}.values())
+        wanted = getattr(study, "ABLATION_RUNS", None) or [p for _, _, p in ablation_rows]
+        points = list({json.dumps(p, sort_keys=True): p for p in wanted}.values())
     trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results, points=points)  # raises before anything runs
     numerics.thread_policy()  # before the pool or Ray starts: workers and their kernels inherit it
     for t in trials:
@@ -589,7 +593,7 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     res_arg = str(results) if results is not None else None
     cached = len(trials) - len(todo)
     echo(f"sweep {cli.notebook_path(notebook).name}: {len(trials)} trials "
-         f"({len(trials) // max(1, len(seeds or [None]))} {'ablation rows' if ablate else 'combinations'} "
+         f"({len(trials) // max(1, len(seeds or [None]))} {'ablation runs' if ablate else 'combinations'} "
          f"x {len(seeds or [None])} seeds), "
          f"{cached} finished already, {len(todo)} to run on {backend}")
     bar = tqdm(total=len(trials), initial=cached, desc="trials", unit="trial", disable=not progress)

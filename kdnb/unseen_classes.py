@@ -697,7 +697,7 @@ _CELL_KEYS = ("temperature", "soft_weight", "lr")
 def _matches(params: dict, row: dict, conditions: dict, *, flags: bool = True) -> bool:
     for k, want in conditions.items():
         # a parameter added after a record was made (lr_schedule) had the value every earlier run used
-        have = row[k] if k in _CELL_KEYS else params.get(k, runs.ADDED_LATER.get(k))
+        have = row[k] if k in _CELL_KEYS else runs.param(params, k)
         if k == "kept_classes":
             have, want = sorted(have), sorted(want)
         if have != want:
@@ -812,6 +812,6 @@ def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
     for r in metrics.get("students", []):
         if "flags" not in r or not _matches(params, r, cond, flags=False):
             continue
-        protocol = {k: params.get(k, runs.ADDED_LATER.get(k)) for k in PROTOCOL}
+        protocol = {k: runs.param(params, k) for k in PROTOCOL}
         out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim][0]]})
     return out

@@ -52,7 +52,8 @@ def test_t_interval_by_hand():
 
 
 def _record(run_id, finished, students, **params):
-    base = dict(uc.PROFILES["full"], profile="full", **params)
+    base = dict(uc.PROFILES["full"], profile="full")
+    base.update(params)
     return {"notebook": NB, "run_id": run_id, "finished": finished, "params": base, "_dir": f"/x/{run_id}",
             "metrics": {"students": students}}
 
@@ -72,39 +73,46 @@ def test_rows_count_each_seed_once_newest_first_and_compute_the_deltas():
         _record("full-new2", "2026-02-01T00:00:00", [_student(2, FAITHFUL, 94.0)], seeds=[2]),
         _record("full-vh", "2026-02-02T00:00:00", [_student(s, dict(FAITHFUL, validation="heldout"), v)
                                                   for s, v in ((0, 80.0), (1, 84.0))], seeds=[0, 1]),
-        # another temperature is not A1's configuration: never counted
+        # another temperature, teacher recipe or profile is not A1's configuration: never counted, never a
+        # replacement for a seed's value although newer
         _record("full-T5", "2026-02-03T00:00:00", [_student(3, FAITHFUL, 1.0, {"temperature": 5.0, "soft_weight": 0.9,
                                                                               "lr": 0.01})], temperature=5.0, seeds=[3]),
+        _record("full-h1000", "2026-03-01T00:00:00", [_student(0, FAITHFUL, 1.0)], heldout_size=1000, seeds=[0]),
+        _record("reduced-x", "2026-03-01T00:00:00", [_student(1, FAITHFUL, 1.0)], profile="reduced", seeds=[1]),
     ]
     table = {(r["start"], r["change"]): r for r in attribution.rows(recs) if r["notebook"] == NB}
     f = table[("faithful", "none")]
     assert (f["n_seeds"], f["mean"], f["seeds"]) == (3, 92.0, [0, 1, 2])  # 90, 92, 94: not the old 50
     assert f["run_ids"] == "full-new0;full-new1;full-new2" and f["delta_vs_start"] == 0.0
     v = table[("faithful", "validation=heldout")]
-    assert (v["n_seeds"], v["mean"], v["delta_vs_start"]) == (2, 82.0, -10.0)
+    # paired over seeds 0 and 1: (80 - 90 + 84 - 92) / 2, not 82 - 92 (the start's mean over 3 seeds)
+    assert (v["n_seeds"], v["mean"], v["delta_vs_start"], v["n_paired"]) == (2, 82.0, -9.0, 2)
+    half = 12.706204736174696 * math.sqrt(2) / math.sqrt(2)  # t(0.975, 1) * std of (-10, -8) / sqrt(2)
+    assert v["delta_low"] == pytest.approx(-9.0 - half) and v["delta_high"] == pytest.approx(-9.0 + half)
     c = table[("corrected", "none")]
     assert (c["n_seeds"], c["mean"], c["run_ids"]) == (2, 15.0, "full-old")
     text = attribution.csv_text(attribution.rows(recs))
     assert text.splitlines()[0].split(",") == attribution.COLUMNS
     md = attribution.markdown(attribution.rows(recs), NB)
     assert "| faithful | `validation=heldout` | 2 | 82.00 |" in md
-    assert "fewer than 3 seeds on some row, inconclusive" in md  # validation=heldout has n = 2
+    assert "fewer than 3 seeds paired with the start on some row, inconclusive" in md  # validation=heldout: 2
 
 
 def test_sentences_name_the_single_change_that_moves_it_most():
-    def row(start, change, values):
-        mean, std, lo, hi = attribution.t_interval(values)
-        return {"start": start, "change": change, "n_seeds": len(values), "mean": mean, "std": std, "ci95_low": lo,
-                "ci95_high": hi, "delta_vs_start": None}
-    rs = [row("faithful", "none", [97.0, 97.5, 96.5]), row("faithful", "a=1", [80.0, 81.0, 79.0]),
-          row("faithful", "b=1", [96.9, 97.6, 96.4]), row("corrected", "none", [80.0, 80.5, 79.5])]
-    for r in rs:
-        base = next(b for b in rs if b["start"] == r["start"] and b["change"] == "none")
-        r["delta_vs_start"] = r["mean"] - base["mean"]
+    start = {"faithful": {0: 97.0, 1: 97.5, 2: 96.5}, "corrected": {0: 80.0, 1: 80.5, 2: 79.5}}
+
+    def row(s, change, values):
+        values = dict(enumerate(values))
+        mean, std, lo, hi = attribution.t_interval(list(values.values()))
+        d, d_lo, d_hi, n = (0.0, None, None, 3) if change == "none" else attribution.paired_delta(values, start[s])
+        return {"start": s, "change": change, "n_seeds": len(values), "mean": mean, "std": std, "ci95_low": lo,
+                "ci95_high": hi, "delta_vs_start": d, "delta_low": d_lo, "delta_high": d_hi, "n_paired": n}
+    rs = [row("faithful", "none", start["faithful"].values()), row("faithful", "a=1", [80.0, 81.0, 79.0]),
+          row("faithful", "b=1", [96.9, 97.6, 96.4]), row("corrected", "none", start["corrected"].values())]
     text = "\n".join(attribution.sentences(rs, 97.3))
     assert "a gap of -17.00" in text
-    assert "correcting `a=1` alone moves it by -17.00 (100 % of the gap), outside the start's interval" in text
-    assert "no other single change moves it beyond seed noise" in text  # b=1 sits inside the start's interval
+    assert "correcting `a=1` alone moves it by -17.00 (100 % of the gap), paired interval" in text and "excludes 0" in text
+    assert "no other single change moves it beyond seed noise" in text  # b=1: paired (-0.1, 0.1, -0.1) spans 0
 
 
 @pytest.mark.parametrize("diff, ci, tol, verdict", [
@@ -113,6 +121,8 @@ def test_sentences_name_the_single_change_that_moves_it_most():
     ([0.5, -1.5], [0.4, 0.4], 1.0, "not reproduced"),
     (2.0, None, 1.0, "not reproduced"),                   # exact (seedless) value: the tolerance alone
     (0.2, 1.5, 1.0, "inconclusive"),                      # the interval is wider than the tolerance
+    (5.0, 1.5, 1.0, "not reproduced"),                    # ... but the miss is clear even so
+    (float("nan"), None, 1.0, "no values"),
 ])
 def test_verdict_rule(diff, ci, tol, verdict):
     assert report.judge(diff, ci, tol).startswith(verdict)
@@ -180,7 +190,29 @@ def test_ablate_runs_the_study_attribution_profile_unless_told(monkeypatch):
         seen.append(kw)
         raise ValueError("planned")
     monkeypatch.setattr(sweep, "plan", fake_plan)
-    for fixed, profile in ((None, "full"), ({"profile": "reduced"}, "reduced")):
+    for nb, profile, n in ((NB, "full", 14), ("04_emnist_mlp_student", "reduced", 2)):
         with pytest.raises(ValueError, match="planned"):
-            sweep.sweep(NB, seeds=[0], fixed=fixed, ablate=True, progress=False)
-        assert seen[-1]["fixed"]["profile"] == profile and len(seen[-1]["points"]) == 14
+            sweep.sweep(nb, seeds=[0], ablate=True, progress=False)
+        assert seen[-1]["fixed"]["profile"] == profile and len(seen[-1]["points"]) == n
+    with pytest.raises(ValueError, match="profile='reduced' is not allowed: --ablate runs 01_mnist_unseen_classes's "
+                                         "attribution profile 'full'"):
+        sweep.sweep(NB, seeds=[0], fixed={"profile": "reduced"}, ablate=True, progress=False)
+
+
+def test_two_runs_per_seed_fill_all_six_rows_of_04():
+    from kdnb import emnist_student as es
+
+    def rec(validation, seed):
+        students = [{"model": "mlp", "seed": seed, "t2_scaling": None, "test_acc": 0.98}] + [
+            {"model": "kd", "seed": seed, "t2_scaling": t2, "test_acc": 0.98 + 0.001 * t2 + 0.002 * (validation == "test")}
+            for t2 in (False, True)]
+        params = dict(es.PROFILES["reduced"], profile="reduced", validation=validation, seeds=[seed])
+        return {"notebook": "04_emnist_mlp_student", "run_id": f"reduced-{validation}-{seed}", "finished": "x",
+                "params": params, "metrics": {"students": students}, "_dir": "/x"}
+    recs = [rec(v, s) for v in ("test", "holdout") for s in range(3)]
+    table = [r for r in attribution.rows(recs) if r["notebook"] == "04_emnist_mlp_student"]
+    assert [(r["start"], r["change"]) for r in table] == [(s, c) for s, c, _ in attribution.points("04_emnist_mlp_student")]
+    assert all(r["n_seeds"] == 3 for r in table)
+    by = {(r["start"], r["change"]): r for r in table}
+    assert by[("faithful", "t2_scaling=True")]["delta_vs_start"] == pytest.approx(0.1)
+    assert by[("corrected", "validation=test")]["delta_vs_start"] == pytest.approx(0.2)

@@ -160,7 +160,7 @@ def test_a_seeded_verdict_on_fewer_than_3_seeds_is_inconclusive(tmp_path):
 
     record("reduced-a", [0, 1], [0.2041, 0.2041])
     row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
-    assert row["verdict"].startswith("inconclusive (n=2 < 3 seeds; this seed: ") and row["ci95"] is not None
+    assert row["verdict"].startswith("inconclusive (n=2 < 3 seeds; these seeds say: ") and row["ci95"] is not None
     record("reduced-b", [2], [0.2041])
     row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
     assert row["seeds"] == 3 and not row["verdict"].startswith("inconclusive")
