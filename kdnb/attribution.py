@@ -5,13 +5,16 @@ A study that takes part declares, in its module:
   ABLATION_STARTS {'faithful': params, 'corrected': params}: what puts a run at either end (01: `variants`)
   PROTOCOL        params that take the training protocol itself away from a validation signal (optional): the
                   correction changes *which* loss drives the scheduler and early stopping, and that choice is ours,
-                  so it gets its own row from either start
-  ATTRIBUTION     {claim id: metric name}: the claims to attribute and what their value per seed is
+                  so it gets its own row from either start; PROTOCOL_DEFAULT: the same keys at the claim's values
+  ATTRIBUTION     {claim id: (metric name, what it is)}: the claims to attribute and their value per seed
+  ATTRIBUTION_PROFILE  the profile whose runs the rows rest on (`kdnb sweep --ablate` runs it by default)
   attribution_samples(claim, params, metrics) -> [{'flags', 'protocol', 'seed', 'value'}], one per trained model
+  ABLATION_RUNS   (optional) fewer runs that cover every row (04 trains both t2_scaling values in one run)
 `points()` is what `kdnb sweep NB --ablate` runs: from faithful, correct one flag at a time; from corrected, restore
-one at a time; both ends; the protocol row. `rows()` reads the run records back (any record whose models sit at one
-of those points counts, whichever sweep or run made it) into results/attribution.csv, one row per
-(notebook, claim, start, change), each seed counted once.
+one at a time; both ends; the protocol row. `rows()` reads the run records back (any record of the attribution
+profile's configuration whose models sit at one of those points counts, whichever sweep or run made it) into
+results/attribution.csv, one row per (notebook, claim, start, change), each seed counted once. A row's Δ is paired:
+the mean over the seeds it shares with its start of (row - start), with its own 95 % t-interval.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import papers, profiles
+from . import metrics, papers, profiles, runs
 
 STARTS = ("faithful", "corrected")
 COLUMNS = ["notebook", "claim", "start", "change", "n_seeds", "metric", "mean", "std", "ci95_low", "ci95_high",
@@ -67,10 +70,13 @@ def points(notebook: str) -> list[tuple[str, str, dict]]:
 
 def classify(m, sample: dict) -> list[tuple[str, str]]:
     """The (start, change) rows one trained model belongs to: its flags at one end or one flag away from it, and
-    its protocol the claim's own or the PROTOCOL row's (never a mix)."""
+    its protocol the claim's own or the PROTOCOL row's (never a mix). A model without one of the flags (a record
+    made before the flag existed) belongs to none."""
     protocol = getattr(m, "PROTOCOL", None) or {}
-    default = getattr(m, "PROTOCOL_DEFAULT", {})
+    default = m.PROTOCOL_DEFAULT if protocol else {}
     have = sample.get("protocol", {})
+    if any(f not in sample["flags"] for f in m.QUIRKS):
+        return []
     if all(have.get(k) == default.get(k) for k in protocol):
         changed_protocol = False
     elif protocol and all(have.get(k) == v for k, v in protocol.items()):
@@ -94,11 +100,32 @@ def t_interval(values: list[float]) -> tuple[float, float, float | None, float |
     mean = float(arr.mean())
     if len(arr) < 2:
         return mean, float("nan"), None, None
-    from scipy import stats
-
     std = float(arr.std(ddof=1))
-    half = std * float(stats.t.ppf(0.975, len(arr) - 1)) / math.sqrt(len(arr))
+    half = float(metrics.ci95_halfwidth(std, len(arr)))
     return mean, std, mean - half, mean + half
+
+
+# what a run may differ in from its study's attribution profile and still be counted: the ablation's own axes
+_FREE = ("seeds", "variants", "profile", "device", "download", "data_dir", "output_dir")
+
+
+def same_configuration(m, params: dict) -> bool:
+    """Whether a record trained the attribution profile's configuration, quirk flags, protocol and seeds aside (a run
+    with another teacher recipe or held-out size must not enter a row, nor replace a seed's value there)."""
+    free = set(_FREE) | set(m.QUIRKS) | set(getattr(m, "PROTOCOL", None) or {})
+    for start in m.ABLATION_STARTS.values():
+        free |= set(start)
+    return params.get("profile") == m.ATTRIBUTION_PROFILE and all(
+        runs.param(params, k) == v for k, v in m.PROFILES[m.ATTRIBUTION_PROFILE].items() if k not in free)
+
+
+def paired_delta(row: dict, start: dict) -> tuple[float | None, float | None, float | None, int]:
+    """Mean over the seeds both rows have of (row - start), its 95 % t-interval and the number of such seeds."""
+    common = sorted(set(row) & set(start))
+    if not common:
+        return None, None, None, 0
+    mean, _, lo, hi = t_interval([row[s] - start[s] for s in common])
+    return mean, lo, hi, len(common)
 
 
 def rows(records: list[dict]) -> list[dict]:
@@ -107,26 +134,27 @@ def rows(records: list[dict]) -> list[dict]:
     for notebook in studies():
         m = study(notebook)
         order = {(s, c): i for i, (s, c, _) in enumerate(points(notebook))}
-        for claim, metric in m.ATTRIBUTION.items():
+        for claim, (metric, _) in m.ATTRIBUTION.items():
             found: dict[tuple[str, str], dict] = {}
-            for rec in sorted((r for r in records if r.get("notebook") == notebook),
-                              key=lambda r: str(r.get("run_id"))):
+            mine = [r for r in records if r.get("notebook") == notebook and same_configuration(m, r.get("params", {}))]
+            for rec in runs.newest_first(mine):
                 for sample in m.attribution_samples(claim, rec["params"], rec.get("metrics") or {}):
                     for key in classify(m, sample):
                         slot = found.setdefault(key, {"values": {}, "runs": set()})
-                        if sample["seed"] not in slot["values"]:  # a seed computed twice (two runs) counts once
+                        if sample["seed"] not in slot["values"]:  # a seed computed twice counts once: the newest run
                             slot["values"][sample["seed"]] = sample["value"]
                             slot["runs"].add(rec.get("run_id") or Path(rec["_dir"]).name)
-            base = {start: t_interval(list(found[(start, "none")]["values"].values()))[0]
-                    for start in STARTS if (start, "none") in found}
             for (start, change) in sorted(found, key=lambda k: order.get(k, len(order))):
                 slot = found[(start, change)]
                 mean, std, lo, hi = t_interval(list(slot["values"].values()))
-                delta = mean - base[start] if start in base and change != "none" else (0.0 if change == "none" else None)
+                base = found.get((start, "none"), {}).get("values", {})
+                delta, d_lo, d_hi, paired = ((0.0, None, None, len(base)) if change == "none"
+                                             else paired_delta(slot["values"], base))
                 out.append({"notebook": notebook, "claim": claim, "start": start, "change": change,
                             "n_seeds": len(slot["values"]), "metric": metric, "mean": mean, "std": std,
                             "ci95_low": lo, "ci95_high": hi, "delta_vs_start": delta,
-                            "run_ids": ";".join(sorted(slot["runs"])), "seeds": sorted(slot["values"])})
+                            "run_ids": ";".join(sorted(slot["runs"])), "seeds": sorted(slot["values"]),
+                            "delta_low": d_lo, "delta_high": d_hi, "n_paired": paired})
     return out
 
 
@@ -166,20 +194,23 @@ def markdown(table: list[dict], notebook: str) -> str:
         rs = [r for r in table if r["notebook"] == notebook and r["claim"] == claim]
         rep = reported_value(notebook, claim)
         lines += [f"**{claim}**, metric `{rs[0]['metric']}`" + (f" (reported: {rep:.2f})" if rep is not None else "")
-                  + "; mean ± 95 % t-interval over seeds, Δ against the row's start:", "",
-                  "| start | change | n | mean | 95 % interval | Δ vs start |", "|---|---|---|---|---|---|"]
+                  + "; mean and 95 % t-interval over seeds; Δ: paired with the row's start over the seeds both have:",
+                  "", "| start | change | n | mean | 95 % interval | Δ vs start (paired n) | Δ 95 % interval |",
+                  "|---|---|---|---|---|---|---|"]
         for r in rs:
+            delta = "—" if r["change"] == "none" else f"{_num(r['delta_vs_start'])} ({r['n_paired']})"
+            d_int = "—" if r.get("delta_low") is None else f"[{_num(r['delta_low'])}, {_num(r['delta_high'])}]"
             lines.append(f"| {r['start']} | `{r['change']}` | {r['n_seeds']} | {_num(r['mean'])} | {_interval(r)} | "
-                         f"{'—' if r['change'] == 'none' else _num(r['delta_vs_start'])} |")
+                         f"{delta} | {d_int} |")
         lines += ["", *sentences(rs, rep), ""]
     return "\n".join(lines).rstrip() + "\n" if lines else ""
 
 
-def significant(r: dict, base: dict | None) -> bool | None:
-    """Whether a single change's interval excludes its start's mean (None below 2 seeds on either side)."""
-    if base is None or r["ci95_low"] is None or base["ci95_low"] is None:
+def significant(r: dict) -> bool | None:
+    """Whether a single change's paired Δ interval excludes 0 (None below 2 paired seeds)."""
+    if r.get("delta_low") is None:
         return None
-    return not (r["ci95_low"] <= base["mean"] <= r["ci95_high"])
+    return not (r["delta_low"] <= 0.0 <= r["delta_high"])
 
 
 def sentences(rs: list[dict], reported: float | None) -> list[str]:
@@ -196,18 +227,18 @@ def sentences(rs: list[dict], reported: float | None) -> list[str]:
             singles = [r for r in rs if r["start"] == start and r["change"] != "none" and r["delta_vs_start"] is not None]
             if not singles:
                 continue
-            if min(r["n_seeds"] for r in singles + [ends[start]]) < 3:
-                out.append(f"- From {start}: fewer than 3 seeds on some row, inconclusive.")
+            if min(r["n_paired"] for r in singles) < 3:
+                out.append(f"- From {start}: fewer than 3 seeds paired with the start on some row, inconclusive.")
                 continue
             top = max(singles, key=lambda r: abs(r["delta_vs_start"]))
             share = (top["delta_vs_start"] if start == "faithful" else -top["delta_vs_start"]) / gap if gap else None
-            others = [r for r in singles if r is not top and significant(r, ends[start])]
+            others = [r for r in singles if r is not top and significant(r)]
             verb = "correcting" if start == "faithful" else "restoring"
             out.append(f"- From {start}, {verb} `{top['change']}` alone moves it by {_num(top['delta_vs_start'])} "
                        + (f"({100 * share:.0f} % of the gap)" if share is not None else "")
-                       + (", outside the start's interval" if significant(top, ends[start]) else
-                          ", inside the start's seed interval (not distinguishable from noise)")
-                       + "; " + (("other single changes whose interval excludes the start: "
+                       + (f", paired interval [{_num(top['delta_low'])}, {_num(top['delta_high'])}] excludes 0"
+                          if significant(top) else ", its paired interval includes 0 (not distinguishable from noise)")
+                       + "; " + (("other single changes whose paired interval excludes 0: "
                                   + ", ".join(f"`{r['change']}` {_num(r['delta_vs_start'])}" for r in others))
                                  if others else "no other single change moves it beyond seed noise") + ".")
     return out
@@ -242,7 +273,7 @@ def figure(table: list[dict], notebook: str):
                 x += 1
             x += 0.5  # a gap between the two starts
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(f"{rs[0]['metric']}")
+        ax.set_ylabel(study(notebook).ATTRIBUTION[claim][1], fontsize=8)
         ax.set_title(f"{claim}: one quirk at a time (mean ± 95 % t-interval over seeds; n per row in "
                      f"results/attribution.csv)", fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
@@ -252,3 +283,27 @@ def figure(table: list[dict], notebook: str):
 
 def figure_path(notebook: str) -> str:
     return f"figures/{notebook}-attribution.png"
+
+
+def show(notebook: str, results: Path | None = None) -> None:
+    """A notebook's conclusion: the committed ablation of its claims (tables, sentences, figure), read from
+    results/ only (nothing is trained here), or how to produce it."""
+    from IPython.display import Image, Markdown, display
+
+    from . import report
+
+    results = runs.RESULTS if results is None else results
+    table = [r for r in rows(report.load_runs(results)) if r["notebook"] == notebook]
+    if table:
+        display(Markdown(markdown(table, notebook)))
+        figure = results / figure_path(notebook)
+        if figure.is_file():
+            display(Image(filename=str(figure)))
+    elif study(notebook) is not None:
+        display(Markdown(f"No one-at-a-time ablation of {notebook} is committed yet: "
+                         f"`kdnb sweep {notebook} --ablate --seeds 0,1,2,3,4` (profile "
+                         f"`{study(notebook).ATTRIBUTION_PROFILE}`), then `kdnb report`."))
+    else:
+        display(Markdown(f"{notebook} does not declare its quirk flags for `kdnb sweep --ablate` yet (QUIRKS and "
+                         f"ATTRIBUTION in its module, see `kdnb/attribution.py`); its faithful and corrected variants "
+                         f"are compared as a whole in the sections above."))

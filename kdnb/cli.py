@@ -268,7 +268,7 @@ def main(argv=None) -> int:
             from . import report
 
             md, csv_path = report.write()
-            print(f"wrote {_show(md)} and {_show(csv_path)}")
+            print(f"wrote {_show(md)}, {_show(csv_path)} and {_show(md.parent / 'attribution.csv')}")
             figures = sorted((md.parent / "figures").glob("*.png"))
             if figures:
                 print("figures: " + ", ".join(_show(f) for f in figures))

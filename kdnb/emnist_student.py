@@ -1,5 +1,5 @@
-"""Study D (johnkorn/distillation at e134fc5, STUDIES.md D): a Keras CNN teacher distilled into a 512-unit MLP
-on EMNIST letters, with Keras 2.0 semantics written out in torch.
+"""Study D (johnkorn/distillation at e134fc5, papers/04_emnist_mlp_student.md): a Keras CNN teacher distilled into
+a 512-unit MLP on EMNIST letters, with Keras 2.0 semantics written out in torch.
 
 Teacher CNN (3,378,970 parameters for 26 classes) and MLP student (415,258), glorot-uniform kernels and zero
 biases, Adadelta(lr=1.0, rho=0.95, eps=1e-8) (Keras 2.0's defaults, not torch's), batch 256, shuffled every epoch,
@@ -524,3 +524,23 @@ def d4_claim(params: dict, table) -> dict | None:
         note = f"{dataset_label(ds)}: not comparable with EMNIST; " + note
     return {"values": [round(float(ref - best), 2)], "verdict": "supported" if rank == 1 else "not supported",
             "note": note}
+
+
+# ---------------------------------------------------------------- attribution (issue 12, kdnb.attribution)
+
+QUIRKS = {"t2_scaling": (False, True), "validation": ("test", "holdout")}
+ABLATION_STARTS = {"faithful": {"t2_scaling": False, "validation": "test"},
+                   "corrected": {"t2_scaling": True, "validation": "holdout"}}
+# two runs per seed cover every row: the profiles train both t2_scaling values beside one MLP alone and teacher
+ABLATION_RUNS = [{"validation": "test"}, {"validation": "holdout"}]
+ATTRIBUTION_PROFILE = "reduced"  # the MNIST stand-in with an 8-epoch teacher (EMNIST is not here)
+ATTRIBUTION = {"D3-mnist-standin": ("kd_test_acc", "distilled MLP's test accuracy on the MNIST stand-in (%)")}
+
+
+def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
+    """One sample per distilled student of a run made under the claim's conditions (the quirk flags aside)."""
+    cond = {k: v for k, v in CLAIM_CONDITIONS.items() if k not in QUIRKS}
+    if claim_id("D3", params.get("dataset")) != claim or any(params.get(k) != v for k, v in cond.items()):
+        return []
+    return [{"flags": {"t2_scaling": r["t2_scaling"], "validation": params["validation"]}, "protocol": {},
+             "seed": r["seed"], "value": _pct(r["test_acc"])} for r in metrics.get("students", []) if r["model"] == "kd"]

@@ -1,5 +1,6 @@
 """Self-distillation with ground-truth weight alpha in kernel ridge regression (Borup & Andersen
-2021, following Mobahi et al. 2020), exactly as the source's `toy_example.ipynb` (STUDIES.md E.1).
+2021, following Mobahi et al. 2020), exactly as the source's `toy_example.ipynb`
+(papers/05_self_distillation.md §E.1).
 
 Step t fits KRR to the mixed targets alpha*y + (1-alpha)*yhat(t-1), where yhat(t-1) are the previous
 model's outputs on the training inputs and yhat(0) = y. Everything is float64 numpy; the iterative

@@ -3,10 +3,10 @@
 Each function takes logits (torch tensors) and returns a scalar tensor that is differentiable
 with respect to the *student* logits. Teacher / peer outputs are always detached: in the
 sources they are either computed under ``no_grad`` or their gradient never reaches an optimiser
-that is stepped, so detaching changes no student update (see STUDIES.md C-Q8).
+that is stepped, so detaching changes no student update (see papers/03_dml_kd_calibration.md C-Q8).
 
-Quirks of the original code are reproduced behind flags whose faithful value is named in
-STUDIES.md (A.4, B.3, C.3, D.4, E.2); the docstrings say which value is the faithful one.
+Quirks of the original code are reproduced behind flags whose faithful value is named in the
+study docs papers/0N_*.md (§A.4, §B.3, §C.3, §D.4, §E.2); the docstrings say which value is the faithful one.
 
 Notation: z = student logits, z_t = teacher logits, y = integer labels, T = temperature,
 CE(a, y) = hard-label cross-entropy (batch mean), CE(a, P) = soft-label cross-entropy
@@ -43,7 +43,7 @@ def _kl_batchmean(student_log_probs: Tensor, target_probs: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Study A — AditMeh/Distillation (MNIST), STUDIES.md A.4
+# Study A — AditMeh/Distillation (MNIST), papers/01_mnist_unseen_classes.md §A.4
 # --------------------------------------------------------------------------------------------
 
 
@@ -79,7 +79,7 @@ def double_softmax_ce(student_logits: Tensor, target: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Study B — EYErbil/Knowledge-Distillation (VOC segmentation), STUDIES.md B.3
+# Study B — EYErbil/Knowledge-Distillation (VOC segmentation), papers/02_voc_segmentation_kd.md §B.3
 # --------------------------------------------------------------------------------------------
 
 
@@ -172,7 +172,7 @@ def feature_kd_segmentation(
 
 
 # --------------------------------------------------------------------------------------------
-# Study C — PiaCuk/distillistic (KD, DML, DML_e, Tf-KD), STUDIES.md C.3
+# Study C — PiaCuk/distillistic (KD, DML, DML_e, Tf-KD), papers/03_dml_kd_calibration.md §C.3
 # --------------------------------------------------------------------------------------------
 
 
@@ -273,7 +273,7 @@ def tfkd_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Study D — johnkorn/distillation (Keras), STUDIES.md D.4
+# Study D — johnkorn/distillation (Keras), papers/04_emnist_mlp_student.md §D.4
 # --------------------------------------------------------------------------------------------
 
 
@@ -318,7 +318,7 @@ def keras_kd_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# Study E — Borup & Andersen self-distillation (ResNet/CIFAR-10), STUDIES.md E.2
+# Study E — Borup & Andersen self-distillation (ResNet/CIFAR-10), papers/05_self_distillation.md §E.2
 # --------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ so a caller can accumulate it over batches on the device and compute *dataset-le
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -222,3 +224,12 @@ def miou(
             validate.fail("ignore_index", ignore_index, "clamp_void_to needs the void label (ignore_index) to replace")
         target = torch.where(target == ignore_index, torch.full_like(target, clamp_void_to), target)
     return miou_from_confusion(confusion_matrix(preds, target, num_classes, ignore_index=ignore_index))
+
+
+def ci95_halfwidth(std, n: int):
+    """Half-width of the two-sided 95 % Student-t interval of a mean over n seeds (None below 2 seeds)."""
+    if std is None or n < 2:
+        return None
+    from scipy import stats
+
+    return np.asarray(std) * stats.t.ppf(0.975, n - 1) / math.sqrt(n)

@@ -1,4 +1,4 @@
-"""Models of the studies, as plain torch modules whose parameter counts match STUDIES.md.
+"""Models of the studies, as plain torch modules whose parameter counts match the study docs (papers/0N_*.md).
 Models are left untouched by distillation: features are taken with forward hooks (see `FeatureHooks`)."""
 from __future__ import annotations
 

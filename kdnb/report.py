@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import papers, runs
+from . import attribution, papers, runs
+from .metrics import ci95_halfwidth  # noqa: F401 (report.ci95_halfwidth: the rows' intervals)
 
 PROFILE_ORDER = {"full": 0, "reduced": 1}
 # a verdict of a seed-dependent claim rests on at least this many seeds; fewer is "inconclusive" (DEVELOPERS.md)
@@ -91,17 +92,8 @@ def _aggregate(values: list):
     return mean, std
 
 
-def ci95_halfwidth(std, n: int):
-    """Half-width of the two-sided 95 % Student-t interval of a mean over n seeds (None below 2 seeds)."""
-    if std is None or n < 2:
-        return None
-    from scipy import stats
-
-    return np.asarray(std) * stats.t.ppf(0.975, n - 1) / math.sqrt(n)
-
-
-def rows(results: Path = runs.RESULTS) -> list[dict]:
-    records = load_runs(results)
+def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> list[dict]:
+    records = load_runs(results) if records is None else records
     table = []
     for card in papers.all_cards():
         nb = card["notebook"]
@@ -119,9 +111,11 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                                   runs=[]))
                 continue
             for profile in sorted(by_profile, key=lambda p: PROFILE_ORDER.get(p, 9)):
-                recs = by_profile[profile]
+                recs = runs.newest_first(by_profile[profile])
                 entries = [r["claims"][claim["id"]] for r in recs]
-                values = _values_once_per_seed(entries)
+                values, used = _values_once_per_seed(entries)
+                entries = [e for e, u in zip(entries, used) if u]  # the records counted, for notes and links
+                recs = sorted((r for r, u in zip(recs, used) if u), key=lambda r: str(r["_dir"]))
                 mean, std = _aggregate(values) if values else (None, None)
                 reported, diff = claim.get("reported"), None
                 verdicts = {e["verdict"] for e in entries if e.get("verdict")}
@@ -132,29 +126,49 @@ def rows(results: Path = runs.RESULTS) -> list[dict]:
                     verdict = "no reported number"
                 elif mean is not None:
                     diff = np.asarray(mean) - np.asarray(reported, dtype=float)
-                    ok = float(np.max(np.abs(diff))) <= float(claim.get("tolerance", 0.0)) + 1e-12
-                    verdict = "reproduced" if ok else "not reproduced"
+                    verdict = judge(diff, ci95_halfwidth(std, len(values)), float(claim.get("tolerance", 0.0)))
                 else:
                     verdict = "no values"
                 if verdict not in ("no reported number", "no values") and _seeded(entries) and len(values) < MIN_SEEDS:
-                    verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; this seed: {verdict})"
+                    said = "this seed says" if len(values) == 1 else "these seeds say"
+                    verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; {said}: {verdict.split(' (')[0]})"
                 table.append(dict(base, profile=profile, reproduced=_tolist(mean), std=_tolist(std),
                                   ci95=_tolist(ci95_halfwidth(std, len(values))), seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
                                   runs=[str(r["_dir"].relative_to(results)) for r in recs]))
     return table
 
 
+def judge(diff, ci, tolerance: float) -> str:
+    """The verdict rule (issue 12): *reproduced* when the reported value lies inside our 95 % t-interval widened by
+    the card's tolerance (every element of a list claim), *not reproduced* when it lies outside, *inconclusive*
+    when the interval is wider than the tolerance itself: then the seeds cannot tell a mean inside the band from one
+    outside it. `ci` is the interval's half-width (None for an exact, seedless value or a single seed)."""
+    diff = np.abs(np.atleast_1d(np.asarray(diff, dtype=float)))
+    if not np.all(np.isfinite(diff)):
+        return "no values"
+    half = np.zeros_like(diff) if ci is None else np.broadcast_to(np.asarray(ci, dtype=float), diff.shape)
+    if not np.all(diff <= tolerance + half + 1e-12):
+        return "not reproduced"  # outside even the widened interval: a wide interval cannot rescue it
+    if ci is not None and float(np.max(half)) > tolerance + 1e-12:
+        return (f"inconclusive (95 % interval ± {float(np.max(half)):.3g} is wider than the tolerance {tolerance:g}: "
+                f"the reported value is inside it, but so would be values outside the tolerance)")
+    return "reproduced"
+
+
 def _values_once_per_seed(entries: list[dict]) -> list:
     """All values of a claim, each seed counted once: two runs that share a seed (a 3-seed run and a grid's
-    seed 0 of the same configuration) computed the same thing and must not weigh twice."""
-    values, seen = [], set()
+    seed 0 of the same configuration) computed the same thing and must not weigh twice (entries newest first).
+    Returns the values and, per entry, whether any of its values was counted."""
+    values, seen, used = [], set(), []
     for e in entries:
         seeds = e.get("seeds") or [None] * len(e["values"])
+        n = len(values)
         for seed, v in zip(seeds, e["values"]):
             if seed is None or seed not in seen:
                 values.append(v)
                 seen.add(seed)
-    return values
+        used.append(len(values) > n)
+    return values, used
 
 
 def _tolist(x):
@@ -196,10 +210,12 @@ def _numeric(v) -> bool:
 
 
 def plotted(table: list[dict], study: str) -> list[dict]:
-    """Rows of a study that its figure shows: a numeric reported value and a reproduced one of the same shape."""
-    return [r for r in table if r["study"] == study and _numeric(r["reported"]) and _numeric(r["reproduced"])
-            and isinstance(r["reported"], list) == isinstance(r["reproduced"], list)
-            and (not isinstance(r["reported"], list) or len(r["reported"]) == len(r["reproduced"]))]
+    """Rows of a study that its figure shows: a numeric reproduced value, with a reported one of the same shape or
+    none at all (a qualitative claim or a stand-in: our numbers are drawn alone and the panel says so)."""
+    return [r for r in table if r["study"] == study and _numeric(r["reproduced"])
+            and (r["reported"] is None or (_numeric(r["reported"])
+                 and isinstance(r["reported"], list) == isinstance(r["reproduced"], list)
+                 and (not isinstance(r["reported"], list) or len(r["reported"]) == len(r["reproduced"]))))]
 
 
 def figure_path(study: str) -> str:
@@ -221,11 +237,14 @@ def render_figure(table: list[dict], study: str):
         ax.set_visible(False)
     for ax, claim_id in zip(axes, claims):
         rows_ = [r for r in shown if r["claim"] == claim_id]
-        reported = np.atleast_1d(np.asarray(rows_[0]["reported"], dtype=float))
-        scalar = not isinstance(rows_[0]["reported"], list)
-        x = np.arange(len(reported))
-        ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
-        tol = rows_[0].get("tolerance")
+        has_reported = rows_[0]["reported"] is not None
+        shape = rows_[0]["reported"] if has_reported else rows_[0]["reproduced"]
+        scalar = not isinstance(shape, list)
+        x = np.arange(len(np.atleast_1d(shape)))
+        reported = np.atleast_1d(np.asarray(rows_[0]["reported"], dtype=float)) if has_reported else None
+        if has_reported:
+            ax.plot(x, reported, "kx" if scalar else "kx--", ms=9, mew=2, lw=1, label="reported", zorder=5)
+        tol = rows_[0].get("tolerance") if has_reported else None
         if tol:  # the band a reproduced mean must fall in to count as reproduced
             span = np.array([-0.5, len(rows_) + 0.5]) if scalar else x
             ax.fill_between(span, *(np.broadcast_to(reported, span.shape) + d for d in (-tol, tol)) if scalar else
@@ -235,21 +254,35 @@ def render_figure(table: list[dict], study: str):
             std = np.atleast_1d(np.asarray(r["ci95"], dtype=float)) if r.get("ci95") is not None else np.zeros_like(mean)
             at = np.array([i + 1.0]) if scalar else x + 0.08 * (i + 1)  # scalars: one column per profile
             ax.errorbar(at, mean, yerr=std, fmt="o" if scalar else "o-", ms=4, capsize=3,
-                        label=f"{r['profile']} (n={r['seeds']}): {r['verdict']}")
-        ax.set_title(claim_id, fontsize=10, loc="left")
+                        label=f"{r['profile']} (n={r['seeds']}): {r['verdict'].split(' (')[0]}")  # reasons: README
+        ax.set_title(claim_id + ("" if has_reported else " (no reported number)"), fontsize=10, loc="left")
         if scalar:
-            ax.set_xticks(range(len(rows_) + 1), ["reported"] + [r["profile"] for r in rows_])
-            ax.set_xlim(-0.5, len(rows_) + 0.5)
-            ax.set_ylim(*scalar_ylim(reported[0], tol, [r["reproduced"] + sign * (r.get("ci95") or 0)
-                                                         for r in rows_ for sign in (-1, 1)]))
+            first = 0 if has_reported else 1
+            ax.set_xticks(range(first, len(rows_) + 1), (["reported"] if has_reported else [])
+                          + [r["profile"] for r in rows_])
+            ax.set_xlim(first - 0.5, len(rows_) + 0.5)
+            centre = reported[0] if has_reported else float(np.mean([r["reproduced"] for r in rows_]))
+            # no reported value: a margin of its own (near zero, 2 % of the value would zoom into noise)
+            margin = tol if has_reported else max(0.05, 0.01 * abs(centre))
+            ax.set_ylim(*scalar_ylim(centre, margin, [r["reproduced"] + sign * (r.get("ci95") or 0)
+                                                      for r in rows_ for sign in (-1, 1)]))
             ax.ticklabel_format(axis="y", useOffset=False)
         else:
-            axis, labels = element_axis(study, claim_id, len(reported))
-            ax.set_xticks(x, labels)
+            axis, labels = element_axis(study, claim_id, len(x))
+            long = max(map(len, labels)) > 3
+            ax.set_xticks(x, labels, rotation=30 if long else 0, ha="right" if long else "center", fontsize=7 if long else None)
             ax.set_xlabel(axis)
+        card_claim = papers.claim(study, claim_id)
+        ax.set_ylabel((card_claim.get("elements") or {}).get("value") or _short_metric(card_claim["metric"]), fontsize=7)
         ax.legend(fontsize=7)
     fig.suptitle(f"{study}: reported vs reproduced (mean ± 95 % t-interval over seeds)", fontsize=11)
     return fig
+
+
+def _short_metric(metric: str, width: int = 48) -> str:
+    """The card's metric as a y-axis label: its first clause, cut to fit beside a panel."""
+    text = metric.split(";")[0].split(" vs ")[0].strip()
+    return text if len(text) <= width else text[: width - 1].rstrip() + "…"
 
 
 def element_axis(study: str, claim_id: str, n: int) -> tuple[str, list[str]]:
@@ -279,7 +312,8 @@ def _verdict(row) -> str:
     return row["verdict"] + (f" — {row['note']}" if row["note"] else "")
 
 
-def render_markdown(table: list[dict]) -> str:
+def render_markdown(table: list[dict], ablation: list[dict] | None = None) -> str:
+    ablation = ablation or []
     out = io.StringIO()
     out.write("# Reported vs reproduced\n\n")
     out.write("Generated by `kdnb report` from `papers/*.yaml` and every `run.json` under `results/` — do not edit by "
@@ -287,8 +321,11 @@ def render_markdown(table: list[dict]) -> str:
     out.write("Smoke runs are pipeline checks and are not listed. Reproduced values: mean ± half-width of the two-sided "
               "95 % Student-t interval over seeds (elementwise for lists; no interval below 2 seeds), n = seeds, to the "
               "precision of the reported value; "
-              "verdicts of numeric claims compare the mean with the reported value within the claim's tolerance "
-              "(shown per row).\n\n")
+              "a numeric claim is *reproduced* when the reported value lies inside that interval widened by the claim's "
+              "tolerance (shown per row), *not reproduced* when outside, *inconclusive* below 3 seeds or when the "
+              "interval is wider than the tolerance. "
+              "Under each study, where it has them: the same claim with its quirk flags changed one at a time "
+              "(`kdnb sweep NB --ablate`; all rows in `attribution.csv`).\n\n")
     for study in sorted({r["study"] for r in table}):
         card = papers.load(study)
         out.write(f"## {study}\n\n{card['title']} — source {card['source']['repository']}\n\n")
@@ -302,28 +339,29 @@ def render_markdown(table: list[dict]) -> str:
         out.write("\n")
         if plotted(table, study):
             out.write(f"![{study}: reported vs reproduced]({figure_path(study)})\n\n")
+        why = attribution.markdown(ablation, study)
+        if why:
+            out.write(f"### Why not: one quirk at a time\n\n{why}\n"
+                      f"![{study}: one quirk at a time]({attribution.figure_path(study)})\n\n")
     return out.getvalue()
 
 
-def figure_bytes(table: list[dict]) -> dict[str, bytes]:
-    """{figure path relative to the results root: PNG bytes} for every study with a plottable row."""
-    import matplotlib.pyplot as plt
-
+def figure_bytes(table: list[dict], ablation: list[dict] | None = None) -> dict[str, bytes]:
+    """{figure path relative to the results root: PNG bytes} for every study with a plottable row, and the
+    attribution figure of every study with ablation rows."""
     out = {}
     for study in sorted({r["study"] for r in table}):
         if plotted(table, study):
-            fig = render_figure(table, study)
-            buf = io.BytesIO()
-            fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")  # what runs.atomic_save_figure writes
-            plt.close(fig)
-            out[str(figure_path(study))] = buf.getvalue()
+            out[str(figure_path(study))] = _png(render_figure(table, study))
+    for study in sorted({r["notebook"] for r in ablation or []}):
+        out[attribution.figure_path(study)] = _png(attribution.figure(ablation, study))
     return out
 
 
-def write_figures(table: list[dict], results: Path = runs.RESULTS) -> list[Path]:
-    """results/figures/<study>.png for every study with a plottable row (none without non-smoke runs);
-    figures of studies that no longer have one are removed."""
-    return _write_figures(figure_bytes(table), results)
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, bbox_inches="tight", format="png")  # what runs.atomic_save_figure writes
+    return buf.getvalue()
 
 
 def _write_figures(pngs: dict[str, bytes], results: Path) -> list[Path]:
@@ -337,8 +375,10 @@ def _write_figures(pngs: dict[str, bytes], results: Path) -> list[Path]:
 def write(results: Path = runs.RESULTS) -> tuple[Path, Path]:
     """README.md, summary.csv and figures/, all or nothing: everything is rendered in memory and every folder
     proven writable before the first file is replaced, so a read-only results root leaves the old report whole."""
-    table = rows(results)
-    markdown = render_markdown(table)
+    records = load_runs(results)
+    table = rows(results, records)
+    ablation = attribution.rows(records)
+    markdown = render_markdown(table, ablation)
     buf = io.StringIO()
     fields = ["study", "claim", "profile", "reported", "tolerance", "reproduced", "std", "ci95", "seeds", "diff", "verdict",
               "note", "runs"]
@@ -346,11 +386,12 @@ def write(results: Path = runs.RESULTS) -> tuple[Path, Path]:
     w.writeheader()
     for r in table:
         w.writerow({k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields})
-    pngs = figure_bytes(table)
+    pngs = figure_bytes(table, ablation)
     runs.check_writable(results, "results folder")
     if pngs or (results / "figures").is_dir():
         runs.check_writable(results / "figures", "results folder")
     _write_figures(pngs, results)
     md = runs.atomic_write_text(results / "README.md", markdown)
     csv_path = runs.atomic_write_text(results / "summary.csv", buf.getvalue())
+    runs.atomic_write_text(results / "attribution.csv", attribution.csv_text(ablation))
     return md, csv_path

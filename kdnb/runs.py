@@ -31,7 +31,12 @@ RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
 # parameters added after run records were committed, with the value every earlier run computed with: at that value
 # they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
-ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau"}
+ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None}
+
+
+def param(params: dict, name: str):
+    """A record's parameter; one added after the record was made (ADDED_LATER) has the value every earlier run used."""
+    return params.get(name, ADDED_LATER.get(name))
 
 
 class NotWritableError(PermissionError):
@@ -125,6 +130,14 @@ def run_id(params: dict) -> str:
              if k not in NOT_IN_RUN_ID and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     digest = hashlib.sha1(json.dumps(_jsonable(keyed), sort_keys=True).encode()).hexdigest()[:10]
     return f"{params.get('profile', 'run')}-{digest}"
+
+
+def newest_first(records: list[dict]) -> list[dict]:
+    """Records by finish time, newest first (then by run id): where two runs computed the same seed, the newest one's
+    value is the one counted - an older run may predate a code or thread-count change (float32 full runs are not
+    bit-equal across thread counts)."""
+    return sorted(sorted(records, key=lambda r: str(r.get("run_id"))), key=lambda r: str(r.get("finished") or ""),
+                  reverse=True)
 
 
 def git_commit() -> str | None:

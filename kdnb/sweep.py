@@ -179,9 +179,12 @@ def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
 
 # --------------------------------------------------------------------------- one trial (runs on a worker)
 
-def execute(notebook: str, given: dict, results: str | None, driver_host: str | None = None) -> dict:
+def execute(notebook: str, given: dict, results: str | None, driver_host: str | None = None,
+            driver_out: str | None = None) -> dict:
     """Run one trial with `kdnb run` semantics (skip if finished, resume from checkpoints) and return its
-    record. Safe to call in a fresh process: everything it needs comes in as plain arguments."""
+    record. Safe to call in a fresh process: everything it needs comes in as plain arguments. On Ray, the record's
+    files come back with the result whenever the worker wrote them anywhere but the folder the driver expects
+    (another machine, or another checkout on the same machine: no `--results`)."""
     buf = io.StringIO()
     start = time.time()
     with contextlib.redirect_stdout(buf):
@@ -189,8 +192,10 @@ def execute(notebook: str, given: dict, results: str | None, driver_host: str | 
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     result = {"out": str(out), "record": record, "seconds": round(time.time() - start, 1),
               "host": socket.gethostname(), "pid": os.getpid(), "log": buf.getvalue()}
-    if driver_host is not None and driver_host != result["host"]:
-        # another machine without a shared filesystem (maybe): the driver writes what it lacks
+    result["where"] = f"{result['host']}:{out}"
+    elsewhere = driver_out is not None and Path(driver_out).resolve() != Path(out).resolve()
+    if driver_host is not None and (driver_host != result["host"] or elsewhere):
+        # another machine or checkout (maybe without a shared filesystem): the driver writes what it lacks
         files = {name: (out / name).read_bytes() for name in RECORD_FILES if (out / name).is_file()}
         for fig in sorted((out / "figures").glob("*.png")) if (out / "figures").is_dir() else []:
             files[f"figures/{fig.name}"] = fig.read_bytes()
@@ -198,20 +203,33 @@ def execute(notebook: str, given: dict, results: str | None, driver_host: str | 
     return result
 
 
-def _mirror(trial: Trial, files: dict) -> None:
-    """Write a remote trial's record into the driver's results folder when it is not there already."""
+def _mirror(trial: Trial, files: dict) -> bool:
+    """Write a remote trial's record into the driver's results folder when it is not there already; True when
+    the driver's folder now holds it because of this call."""
     if not files or (trial.out / "run.json").is_file():
-        return
+        return False
     for name, data in sorted(files.items(), key=lambda kv: kv[0] == "run.json"):  # run.json last
         runs.atomic_write_bytes(trial.out / name, data)
+    return True
 
 
 # --------------------------------------------------------------------------- backends
 
 def _finish(trial: Trial, result: dict) -> None:
     trial.status, trial.record, trial.seconds = "done", result["record"], result["seconds"]
-    trial.meta.update(host=result["host"], pid=result["pid"])
-    _mirror(trial, result.get("files"))
+    trial.meta.update(host=result["host"], pid=result["pid"], where=result.get("where"))
+    trial.meta["copied"] = _mirror(trial, result.get("files"))
+
+
+def _done_line(t: Trial) -> str:
+    """Where the trial's record is: the driver's folder, and the worker's own when the record was copied from it
+    (its checkpoints stay there); never a folder the driver did not create."""
+    line = f"done {t.label()} ({t.seconds:.0f} s) -> {cli._show(t.out)}"
+    if t.meta.get("copied"):
+        line += f" (copied from {t.meta['where']}; its checkpoints stay there)"
+    elif not (t.out / "run.json").is_file() and t.meta.get("where"):
+        line = f"done {t.label()} ({t.seconds:.0f} s) -> {t.meta['where']} (the worker's folder; not copied here)"
+    return line
 
 
 def _one_line(e: BaseException) -> str:
@@ -255,7 +273,7 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
                 t = running.pop(fut)
                 try:
                     _finish(t, fut.result())
-                    say(f"done {t.label()} ({t.seconds:.0f} s) -> {cli._show(t.out)}")
+                    say(_done_line(t))
                     bar.update(1)
                 except BrokenProcessPool:
                     broken = True
@@ -267,7 +285,7 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
                     running.pop(fut)
                     try:  # a broken pool resolves every future: most with BrokenProcessPool
                         _finish(t, fut.result())
-                        say(f"done {t.label()} ({t.seconds:.0f} s) -> {cli._show(t.out)}")
+                        say(_done_line(t))
                         bar.update(1)
                     except BrokenProcessPool:
                         retry_or_fail(t, "worker process died", charged=fut in started)
@@ -324,6 +342,7 @@ def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_
     own = not ray.is_initialized()
     if own:
         if address:
+            check_cluster(address)  # a rejected token is one line and exit 2, before any trial is submitted
             ray.init(address=address, log_to_driver=False)
         else:  # a local cluster on this machine, nothing to set up
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
@@ -333,14 +352,14 @@ def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_
         task = ray.remote(execute).options(num_cpus=cpus_per_trial, num_gpus=gpus_per_trial,
                                            max_retries=max_retries, retry_exceptions=True)
         host = socket.gethostname()
-        refs = {task.remote(notebook, t.given, results, host): t for t in todo}
+        refs = {task.remote(notebook, t.given, results, host, str(t.out)): t for t in todo}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             for ref in ready:
                 t = refs.pop(ref)
                 try:
                     _finish(t, ray.get(ref))
-                    say(f"done {t.label()} ({t.seconds:.0f} s) -> {cli._show(t.out)}")
+                    say(_done_line(t))
                 except Exception as e:  # RayTaskError / WorkerCrashedError once the retries are spent
                     t.status, t.error = "failed", _one_line(e)
                     say(f"FAILED {t.label()} after {max_retries} retries: {t.error}")
@@ -353,6 +372,65 @@ def _run_ray(todo, notebook, results, *, address, workers, cpus_per_trial, gpus_
     finally:
         if own:
             ray.shutdown()
+
+
+# Ray's own preflight: a driver whose token the cluster rejects otherwise prints ~20 s of InvalidAuthToken lines
+# from its C++ client and then a ConnectionError, exit 1 like failed trials
+PROBE = ("import sys, ray\n"
+         "ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR')\n"
+         "ray.shutdown()\n")
+PROBE_TIMEOUT_S = 60
+
+
+def _token_sources() -> str:
+    """Where this driver's Ray would find an authentication token, said in a few words."""
+    found = [f"RAY_AUTH_TOKEN ({len(os.environ['RAY_AUTH_TOKEN'])} characters)"] if os.environ.get("RAY_AUTH_TOKEN") else []
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if path and Path(path).is_file():
+            found.append(path)
+    return ", ".join(found)
+
+
+def _refused(line: str) -> bool:
+    return "InvalidAuthToken" in line or "Unauthenticated" in line
+
+
+def check_cluster(address: str, python: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Connect to the cluster once in a child process, its output captured; a refused authentication token or an
+    unreachable address is a ValueError (one line, exit 2) instead of a page of C++ log lines."""
+    import subprocess
+    import sys
+    import threading
+
+    proc = subprocess.Popen([python or sys.executable, "-c", PROBE, address], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, settled = [], threading.Event()
+
+    def read():  # stops at the first refusal: the client would go on retrying it for ~20 s
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if _refused(line):
+                break
+        settled.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    answered = settled.wait(timeout)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if any(_refused(ln) for ln in lines):
+        have = _token_sources()
+        why = (f"the token this driver has, from {have}, does not match the cluster's" if have else
+               "this driver has no token (RAY_AUTH_TOKEN unset, no RAY_AUTH_TOKEN_PATH, no ~/.ray/auth_token)")
+        raise ValueError(f"address={address!r}: the Ray cluster refused this driver's authentication token: {why}; "
+                         "give it the cluster's token (export RAY_AUTH_TOKEN=... or copy ~/.ray/auth_token from the "
+                         "head node) with RAY_AUTH_MODE=token")
+    if not answered:
+        raise ValueError(f"address={address!r}: the Ray cluster did not answer within {timeout:g} s (is its head "
+                         "running there? `ray status --address ...` on that node; check the host and port)")
+    if proc.returncode != 0:
+        last = next((ln for ln in reversed(lines) if ln.strip()), "no output")
+        raise ValueError(f"address={address!r}: cannot join the Ray cluster: {last[-300:]}")
 
 
 # --------------------------------------------------------------------------- summary
@@ -493,7 +571,17 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     if ablate:
         from . import attribution
 
-        points = [p for _, _, p in attribution.points(cli.notebook_path(notebook).stem)]
+        name = cli.notebook_path(notebook).stem
+        ablation_rows = attribution.points(name)  # a study without quirk flags: one line naming those that have them
+        study = attribution.study(name)
+        fixed = {"profile": study.ATTRIBUTION_PROFILE, **(fixed or {})}
+        if fixed["profile"] != study.ATTRIBUTION_PROFILE:  # its records would never reach results/attribution.csv
+            validate.fail("profile", fixed["profile"], f"--ablate runs {name}'s attribution profile "
+                          f"{study.ATTRIBUTION_PROFILE!r} (leave --profile out)")
+        # a study may cover every row with fewer runs (04: both t2_scaling values in one run); rows that are the
+        # same parameters from either end (two flags: faithful + one = corrected - the other) run once
+        wanted = getattr(study, "ABLATION_RUNS", None) or [p for _, _, p in ablation_rows]
+        points = list({json.dumps(p, sort_keys=True): p for p in wanted}.values())
     trials = plan(notebook, grid, seeds=seeds, fixed=fixed, results=results, points=points)  # raises before anything runs
     numerics.thread_policy()  # before the pool or Ray starts: workers and their kernels inherit it
     for t in trials:
@@ -505,7 +593,7 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     res_arg = str(results) if results is not None else None
     cached = len(trials) - len(todo)
     echo(f"sweep {cli.notebook_path(notebook).name}: {len(trials)} trials "
-         f"({len(trials) // max(1, len(seeds or [None]))} {'ablation rows' if ablate else 'combinations'} "
+         f"({len(trials) // max(1, len(seeds or [None]))} {'ablation runs' if ablate else 'combinations'} "
          f"x {len(seeds or [None])} seeds), "
          f"{cached} finished already, {len(todo)} to run on {backend}")
     bar = tqdm(total=len(trials), initial=cached, desc="trials", unit="trial", disable=not progress)

@@ -1,4 +1,5 @@
-"""Study A (AditMeh/Distillation, STUDIES.md A): MNIST soft-label KD into an MLP that never sees some digits.
+"""Study A (AditMeh/Distillation, papers/01_mnist_unseen_classes.md): MNIST soft-label KD into an MLP that never
+sees some digits.
 
 A 784-512-128-10 teacher (trained here, cached on disk by its configuration) distils into a 784-196-10 (or
 784-10) student trained only on the images of `kept_classes`; per-class test accuracy then shows how much
@@ -696,7 +697,7 @@ _CELL_KEYS = ("temperature", "soft_weight", "lr")
 def _matches(params: dict, row: dict, conditions: dict, *, flags: bool = True) -> bool:
     for k, want in conditions.items():
         # a parameter added after a record was made (lr_schedule) had the value every earlier run used
-        have = row[k] if k in _CELL_KEYS else params.get(k, runs.ADDED_LATER.get(k))
+        have = row[k] if k in _CELL_KEYS else runs.param(params, k)
         if k == "kept_classes":
             have, want = sorted(have), sorted(want)
         if have != want:
@@ -798,7 +799,9 @@ ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
 # the protocol row: no validation signal drives the learning rate, early stopping or the weights kept
 PROTOCOL = {"lr_schedule": "constant", "es_patience": 70, "select": "final"}  # 70 = the A1 epochs: never stops
 PROTOCOL_DEFAULT = {k: CLAIM_CONDITIONS["A1"][k] for k in PROTOCOL}
-ATTRIBUTION = {"A1": "unseen_mean"}  # mean test accuracy (%) of digits 6-9, as the row's evaluation reports it
+# claim -> (metric, what it is): the student's reported per-class accuracy averaged over the unseen digits
+ATTRIBUTION_PROFILE = "full"
+ATTRIBUTION = {"A1": ("unseen_mean", "mean test accuracy of digits 6-9 (%), as the row's evaluation reports it")}
 
 
 def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
@@ -809,6 +812,6 @@ def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
     for r in metrics.get("students", []):
         if "flags" not in r or not _matches(params, r, cond, flags=False):
             continue
-        protocol = {k: params.get(k, runs.ADDED_LATER.get(k)) for k in PROTOCOL}
-        out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim]]})
+        protocol = {k: runs.param(params, k) for k in PROTOCOL}
+        out.append({"flags": r["flags"], "protocol": protocol, "seed": r["seed"], "value": r[ATTRIBUTION[claim][0]]})
     return out

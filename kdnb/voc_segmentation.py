@@ -1,5 +1,6 @@
-"""Study B (EYErbil/Knowledge-Distillation, STUDIES.md B): response- vs feature-based KD for PASCAL VOC 2012
-semantic segmentation, FCN-ResNet50 (COCO-with-VOC-labels weights) -> a lightweight MobileNetV2 + ASPP student.
+"""Study B (EYErbil/Knowledge-Distillation, papers/02_voc_segmentation_kd.md): response- vs feature-based KD for
+PASCAL VOC 2012 semantic segmentation, FCN-ResNet50 (COCO-with-VOC-labels weights) -> a lightweight MobileNetV2 +
+ASPP student.
 
 Students (one recipe each, B.4):
   plain     `train.py`: CE, Adam (coupled L2), ColorJitter(0.2, 0.2, 0.2), plateau + early stopping on val *loss*

@@ -137,10 +137,16 @@ def test_load_fmnist_real_counts():
     assert torch.equal(torch.bincount(fm.train_y), torch.full((10,), 5500))
 
 
-def test_finished_run_returns_from_its_checkpoint(tmp_path):
+def test_finished_run_returns_from_its_checkpoint(tmp_path, monkeypatch):
     fm = tiny_fmnist()
     ck = tmp_path / "baseline.pt"
     a = dc.train_algorithm("baseline", fm, params(), seed=0, progress=False, checkpoint=ck)
+
+    def no_training(*_, **__):  # every training batch is augmented first: a finished run must not train again
+        raise AssertionError("a finished checkpoint was trained again")
+    monkeypatch.setattr(dc, "randaugment", no_training)
+    with pytest.raises(AssertionError, match="trained again"):  # the guard bites when there is no checkpoint
+        dc.train_algorithm("baseline", fm, params(), seed=0, progress=False, checkpoint=None)
     b = dc.train_algorithm("baseline", fm, params(), seed=0, progress=False, checkpoint=ck)
     assert torch.equal(a["members"][0]["test_logits"], b["members"][0]["test_logits"])
     # 12 batches: log_freq = 1, the source's val_every = 2 * log_freq -> checks after batches 0, 2, ..., 10

@@ -317,9 +317,13 @@ def test_report_keeps_stand_ins_apart_from_emnist_numbers(tmp_path):
     assert rows["D1-mnist-standin"]["reported"] is None and rows["D1-mnist-standin"]["verdict"] == "no reported number"
     assert rows["D1-mnist-standin"]["reproduced"] == pytest.approx(95.0)
     # one seed: the notebook's verdict is kept, but the report calls it inconclusive (a verdict needs 3 seeds)
-    assert rows["D3-gain-mnist-standin"]["verdict"] == "inconclusive (n=1 < 3 seeds; this seed: supported)"
+    assert rows["D3-gain-mnist-standin"]["verdict"] == "inconclusive (n=1 < 3 seeds; this seed says: supported)"
     assert rows["D1"]["verdict"] == "not runnable offline" and rows["D1"]["reproduced"] is None
-    assert not report.plotted(list(rows.values()), es.NOTEBOOK)       # no stand-in is plotted against a reported number
+    # stand-ins are drawn alone, never against the EMNIST reported number
+    shown = report.plotted(list(rows.values()), es.NOTEBOOK)
+    assert shown and all(r["claim"].endswith("-standin") and r["reported"] is None for r in shown)
+    fig = report.render_figure(list(rows.values()), es.NOTEBOOK)
+    assert all("reported" not in [t.get_text() for t in ax.get_xticklabels()] for ax in fig.axes if ax.get_visible())
     md = report.render_markdown(list(rows.values()))
     line = next(s for s in md.splitlines() if "**D1-mnist-standin**" in s)
     assert "94.4" not in line and "stand-in" in line

@@ -1,4 +1,4 @@
-"""Study E's kernel ridge regression: the one bit-exact target (STUDIES.md E.1)."""
+"""Study E's kernel ridge regression: the one bit-exact target (papers/05_self_distillation.md §E.1)."""
 import numpy as np
 import pytest
 

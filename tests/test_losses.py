@@ -1,4 +1,4 @@
-"""kdnb.losses against values computed by hand with the ``math`` module (STUDIES.md H.2).
+"""kdnb.losses against values computed by hand with the ``math`` module (papers/README.md §H.2).
 
 The reference helpers below re-derive each formula from scratch on plain Python lists, so a
 test failure means the torch implementation and the written formula disagree.
@@ -221,7 +221,7 @@ def test_tfkd_virtual_targets_quirk_values():
     v1 = losses.tfkd_virtual_targets(label, 10, temperature=1.0, smooth_teacher=True)
     v10 = losses.tfkd_virtual_targets(label, 10, temperature=10.0, smooth_teacher=True)
     raw = losses.tfkd_virtual_targets(label, 10, temperature=10.0, smooth_teacher=False)
-    assert round(v1[0, 4].item(), 4) == 0.2128  # STUDIES.md C.3
+    assert round(v1[0, 4].item(), 4) == 0.2128  # papers/03_dml_kd_calibration.md §C.3
     assert round(v10[0, 4].item(), 4) == 0.1083
     assert v1[0, 4].item() == pytest.approx(softmax(virtual(4, 10), 1.0)[4], abs=TOL)
     assert raw[0].tolist() == pytest.approx(virtual(4, 10), abs=TOL)  # unsmoothed = v, T ignored

@@ -325,3 +325,90 @@ def test_ctrl_c_stops_the_sweep_and_its_trials_at_once(tiny, tmp_path):
         if driver.poll() is None:
             for p in psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]:
                 p.kill()
+
+
+# --------------------------------------------------------------------------- Ray friction (issue 15, items 11-13)
+
+def test_a_record_written_in_another_checkout_is_copied_back_and_said_so(tiny, tmp_path):
+    """Two Ray nodes on one machine without --results: each writes into its own checkout's results/. The worker
+    sends the record back because the folder it wrote is not the driver's, and the done line says where from."""
+    import socket
+
+    driver_root, worker_root = tmp_path / "driver", tmp_path / "worker"
+    (t,) = sweep.plan(str(tiny), {}, seeds=[0], results=driver_root)
+    result = sweep.execute(str(tiny), t.given, str(worker_root), socket.gethostname(), str(t.out))
+    assert Path(result["out"]).parent.parent == worker_root and "files" in result  # same host, other folder
+    sweep._finish(t, result)
+    assert json.loads((t.out / "run.json").read_text())["run_id"] == t.out.name
+    line = sweep._done_line(t)
+    assert f"copied from {socket.gethostname()}:{worker_root}" in line and "checkpoints stay there" in line
+
+
+def test_same_folder_sends_nothing_back(tiny, tmp_path):
+    import socket
+
+    (t,) = sweep.plan(str(tiny), {}, seeds=[0], results=tmp_path)
+    result = sweep.execute(str(tiny), t.given, str(tmp_path), socket.gethostname(), str(t.out))
+    assert "files" not in result
+    sweep._finish(t, result)
+    assert "copied" not in sweep._done_line(t)
+
+
+@pytest.mark.parametrize("token, says", [(None, "this driver has no token"),
+                                         ("wrong-token", "from RAY_AUTH_TOKEN (11 characters), does not match")])
+def test_a_refused_token_is_one_line_and_exit_2_before_any_trial(tiny, tmp_path, capsys, monkeypatch, token, says):
+    """The probe stands in for Ray's client: it prints what Ray 2.60's prints for a refused token, then hangs on
+    retrying as Ray's does; the driver stops at the first refusal."""
+    monkeypatch.setattr(sweep, "PROBE", "import sys, time\nprint('[2026-12-01 W gcs_client.cc:210] Failed to get "
+                        "cluster ID from GCS server: Unauthenticated: RPC error: InvalidAuthToken: Authentication "
+                        "token is missing or incorrect', flush=True)\ntime.sleep(60)\n")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    if token:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    else:
+        monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    ray = pytest.importorskip("ray")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init must not be reached"))
+    start = time.time()
+    code = cli.main(["sweep", str(tiny), "--grid", "x=1,2", "--seeds", "0", "--backend", "ray", "--address", "127.0.0.1:6390",
+                     "--results", str(tmp_path / "results"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and time.time() - start < 30
+    assert len(err.strip().splitlines()) == 1 and "refused this driver's authentication token" in err and says in err
+    assert executions(tmp_path / "results") == []  # nothing was submitted
+
+
+def test_readme_stops_only_its_own_cluster(tmp_path):
+    """The README's commands against two fake Ray clusters (process groups whose processes carry their
+    --temp-dir, like gcs_server and raylet): only the one named goes."""
+    import re
+    import subprocess
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"# \.\.\. later, on each node:\n(.*?)```", readme, re.S).group(1)
+    assert "ray stop" not in block
+
+    def fake_cluster(temp_dir: Path) -> subprocess.Popen:
+        script = (f'(exec -a "ray::RuntimeEnvAgent" sleep 300) & '
+                  f'(exec -a "raylet --raylet_socket_name={temp_dir}/session_1/sockets/raylet" sleep 300) & '
+                  f'exec -a "gcs_server --log_dir={temp_dir}/session_1/logs" sleep 300')
+        return subprocess.Popen(["bash", "-c", script], start_new_session=True)
+
+    mine, theirs = fake_cluster(tmp_path / "ray-me"), fake_cluster(tmp_path / "ray-other")
+    time.sleep(0.5)
+    group = lambda p: [int(x) for x in subprocess.run(["pgrep", "-g", str(os.getpgid(p.pid))], capture_output=True,
+                                                       text=True).stdout.split()]
+    mine_pids, theirs_pids = group(mine), group(theirs)
+    assert len(mine_pids) == 3 and len(theirs_pids) == 3
+    try:
+        cmd = block.replace("/tmp/ray-$USER", str(tmp_path / "ray-me")).replace("sleep 10", "sleep 1")
+        subprocess.run(["bash", "-c", cmd], check=True, timeout=30)
+        mine.wait(timeout=5)
+        alive = [p for p in mine_pids if Path(f"/proc/{p}").exists() and "Z" not in
+                 Path(f"/proc/{p}/stat").read_text().split()[2]]
+        assert alive == []
+        assert all(Path(f"/proc/{p}").exists() for p in theirs_pids)  # the other cluster is untouched
+    finally:
+        os.killpg(os.getpgid(theirs.pid), signal.SIGKILL)
+        theirs.wait()

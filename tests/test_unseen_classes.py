@@ -214,16 +214,18 @@ def _fused_vs_autograd(kind, optimizer_kwargs=None, epochs=2):
     """Train the same student twice from the same seed: autograd + torch SGD on kd_loss, and sgd_kd_step."""
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(200, 1, 28, 28, generator=g), torch.randint(0, 6, (200,), generator=g)
+    torch.manual_seed(2)  # the teacher's init, so the test does not depend on what ran before it
     teacher = models.TeacherMLP(dropout_at_inference=True).eval()
     out = []
     for fused in (False, True):
         train.seed_everything(0)
         model = models.student_mlp(kind)
+        init = [p.detach().clone() for p in model.parameters()]
         loader = uc.DistillLoader(x, uc.TeacherTargets(teacher, x), 32, seed=0)
         step = uc.sgd_kd_step(loader, y, temperature=4.0, soft_weight=0.7) if fused else None
         res = train.fit(model, loader, uc.kd_loss(loader, y, temperature=4.0, soft_weight=0.7), epochs=epochs,
                         optimizer="sgd", lr=0.5, optimizer_kwargs=optimizer_kwargs, progress=False, step=step)
-        out.append((model, [h["train_loss"] for h in res.history]))
+        out.append((model, [h["train_loss"] for h in res.history], init))
     return out
 
 
@@ -237,10 +239,12 @@ def _float64():
 
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_hand_written_sgd_step_matches_autograd(kind, _float64):
-    (ref, ref_loss), (fused, fused_loss) = _fused_vs_autograd(kind)
-    # lr 0.5 so that two epochs move the weights far: a wrong gradient term would show at once
-    moved = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), models.student_mlp(kind).parameters()))
-    assert moved > 0.05
+    (ref, ref_loss, init), (fused, fused_loss, init_fused) = _fused_vs_autograd(kind)
+    assert all(torch.equal(a, b) for a, b in zip(init, init_fused))  # the same start
+    # lr 0.5 so that two epochs move the weights far from where they started (~0.05, seven orders of magnitude
+    # above the tolerance below): a wrong gradient term would show at once
+    moved = max((a - b).abs().max().item() for a, b in zip(ref.parameters(), init))
+    assert moved > 1e-2
     for a, b in zip(ref.parameters(), fused.parameters()):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
@@ -248,7 +252,7 @@ def test_hand_written_sgd_step_matches_autograd(kind, _float64):
 
 
 def test_hand_written_step_falls_back_to_autograd_for_other_optimizers():
-    (ref, _), (fused, _) = _fused_vs_autograd("mlp", optimizer_kwargs={"momentum": 0.9}, epochs=1)
+    (ref, _, _), (fused, _, _) = _fused_vs_autograd("mlp", optimizer_kwargs={"momentum": 0.9}, epochs=1)
     for a, b in zip(ref.parameters(), fused.parameters()):
         assert torch.equal(a, b)        # momentum: the step took the autograd path, bit for bit
 

@@ -70,12 +70,19 @@ def test_teacher_without_weights_is_refused_where_results_count(monkeypatch, tmp
     assert pretrained is False and not model.training
 
 
-def test_flops_and_latency(student):
+def test_flops_and_latency(student, monkeypatch):
     f64 = vs.flops_per_image(student, image_size=64)
     f128 = vs.flops_per_image(student, image_size=128)
     # convolutions dominate and scale with the pixel count (the 1x1 image-pooling branch does not)
     assert 3.9 < f128 / f64 <= 4.0
-    assert vs.latency_ms(student, image_size=64, batch_size=2, iters=1, warmup=1) > 0
+    # on a clock that advances 10 ms per forward call: warm-up calls are not timed, the time is per image
+    clock = {"t": 0.0}
+    hook = student.register_forward_hook(lambda *_: clock.update(t=clock["t"] + 0.010))
+    try:
+        monkeypatch.setattr(vs.time, "perf_counter", lambda: clock["t"])
+        assert vs.latency_ms(student, image_size=64, batch_size=2, iters=3, warmup=2) == pytest.approx(5.0)
+    finally:
+        hook.remove()
 
 
 # ---------------------------------------------------------------------------------------------- augmentation
