@@ -231,11 +231,14 @@ def sentences(rs: list[dict], reported: float | None) -> list[str]:
                 out.append(f"- From {start}: fewer than 3 seeds paired with the start on some row, inconclusive.")
                 continue
             top = max(singles, key=lambda r: abs(r["delta_vs_start"]))
+            # the share of the way to the other end: from faithful towards corrected (+gap), or back (-gap)
             share = (top["delta_vs_start"] if start == "faithful" else -top["delta_vs_start"]) / gap if gap else None
             others = [r for r in singles if r is not top and significant(r)]
-            verb = "correcting" if start == "faithful" else "restoring"
+            verb, other_end = ("correcting", "corrected") if start == "faithful" else ("restoring", "faithful")
+            way = ("" if share is None else f"({100 * share:.0f} % of the way to {other_end})" if share >= 0 else
+                   f"(away from {other_end}: {100 * share:.0f} % of the gap)")
             out.append(f"- From {start}, {verb} `{top['change']}` alone moves it by {_num(top['delta_vs_start'])} "
-                       + (f"({100 * share:.0f} % of the gap)" if share is not None else "")
+                       + way
                        + (f", paired interval [{_num(top['delta_low'])}, {_num(top['delta_high'])}] excludes 0"
                           if significant(top) else ", its paired interval includes 0 (not distinguishable from noise)")
                        + "; " + (("other single changes whose paired interval excludes 0: "

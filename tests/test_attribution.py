@@ -111,7 +111,8 @@ def test_sentences_name_the_single_change_that_moves_it_most():
           row("faithful", "b=1", [96.9, 97.6, 96.4]), row("corrected", "none", start["corrected"].values())]
     text = "\n".join(attribution.sentences(rs, 97.3))
     assert "a gap of -17.00" in text
-    assert "correcting `a=1` alone moves it by -17.00 (100 % of the gap), paired interval" in text and "excludes 0" in text
+    assert "correcting `a=1` alone moves it by -17.00 (100 % of the way to corrected), paired interval" in text
+    assert "excludes 0" in text
     assert "no other single change moves it beyond seed noise" in text  # b=1: paired (-0.1, 0.1, -0.1) spans 0
 
 
