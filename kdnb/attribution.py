@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -253,7 +254,7 @@ def figure(table: list[dict], notebook: str):
     from matplotlib.figure import Figure
 
     claims = list(dict.fromkeys(r["claim"] for r in table if r["notebook"] == notebook))
-    fig = Figure(figsize=(11, 3.8 * len(claims) + 0.4), layout="constrained")
+    fig = Figure(figsize=(11, 5.0 * len(claims) + 0.4), layout="constrained")
     axes = fig.subplots(len(claims), 1, squeeze=False).ravel()
     for ax, claim in zip(axes, claims):
         rs = [r for r in table if r["notebook"] == notebook and r["claim"] == claim]
@@ -276,7 +277,7 @@ def figure(table: list[dict], notebook: str):
                 x += 1
             x += 0.5  # a gap between the two starts
         ax.set_xticks(positions, labels, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel(study(notebook).ATTRIBUTION[claim][1], fontsize=8)
+        ax.set_ylabel(textwrap.fill(study(notebook).ATTRIBUTION[claim][1], 36), fontsize=8)
         ax.set_title(f"{claim}: one quirk at a time (mean ± 95 % t-interval over seeds; n per row in "
                      f"results/attribution.csv)", fontsize=10, loc="left")
         ax.legend(fontsize=7, loc="best")
