@@ -129,19 +129,12 @@ class _folder_lock:
         self.path = folder / f"{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
 
     def __enter__(self):
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"waiting for another kdnb run of {_show(self.out)} to finish", flush=True)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self._held = runs.exclusive(self.path, f"waiting for another kdnb run of {_show(self.out)} to finish")
+        self._held.__enter__()
         return self
 
     def __exit__(self, *exc):
-        os.close(self.fd)  # closing releases the lock
-        return False
+        return self._held.__exit__(*exc)
 
 
 def stale_reason(out: Path, data_dir=None, *, cwd: Path | None = None) -> str | None:

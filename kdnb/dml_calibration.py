@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, train, validate
+from . import data, losses, metrics, models, numerics, runs, train, validate
 
 NUM_CLASSES = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # the source's single-value Normalize, broadcast to 3 channels
@@ -476,15 +476,17 @@ def get_teacher(fm: Fmnist, p: dict, *, seed: int, device: str = "cpu", checkpoi
     from the cache under kdnb's cache folder or trained now. Returns (teacher in eval mode, its result, cache hit)."""
     cfg = teacher_config(p, fm, seed)
     path = data.cache_dir() / "teachers" / f"fmnist-{cfg['arch']}-{train.config_hash(cfg)}.pt"
-    saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-    hit = saved is not None and saved.get("config") == cfg
-    if hit:
-        res = saved["result"]
-    else:
-        # no progress bar here: a cache hit shows none, and the notebook's outputs must not depend on the cache
-        res = train_algorithm("teacher", fm, p, seed=seed, arch=cfg["arch"], epochs=cfg["epochs"], init=cfg["init"],
-                              device=device, checkpoint=checkpoint, progress=False)
-        train.atomic_save({"config": cfg, "result": res}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with runs.teacher_lock(path):
+        saved = torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+        hit = saved is not None and saved.get("config") == cfg
+        if hit:
+            res = saved["result"]
+        else:
+            # no progress bar here: a cache hit shows none, and the notebook's outputs must not depend on the cache
+            res = train_algorithm("teacher", fm, p, seed=seed, arch=cfg["arch"], epochs=cfg["epochs"],
+                                  init=cfg["init"], device=device, checkpoint=checkpoint, progress=False)
+            train.atomic_save({"config": cfg, "result": res}, path)
     teacher = build_model(cfg["arch"], seed, device, precision=_precision(p))
     teacher.load_state_dict(res["final_state"])
     teacher.eval().requires_grad_(False)

@@ -278,21 +278,23 @@ def get_teacher(d: Data, config: dict, *, device: str = "cpu", progress: bool = 
     """The cached teacher of this configuration; trained on a miss (resumable: its fit checkpoint sits beside the
     cache file) and written atomically. Returns (teacher in eval mode, info: history, cache_hit, weights_hash)."""
     path = teacher_path(config)
-    saved = torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
-    teacher = teacher_cnn(d.num_classes).to(device)
-    hit = saved is not None and saved.get("config") == json.loads(json.dumps(config))
-    if hit:
-        teacher.load_state_dict(saved["model"])
-        info = saved["info"]
-    else:
-        train.seed_everything(config["seed"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with runs.teacher_lock(path):
+        saved = torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
         teacher = teacher_cnn(d.num_classes).to(device)
-        loss = make_loss(d.num_classes)
-        info = fit_keras(teacher, d, loss, kd_targets(d.train_y, None, d.num_classes),
-                         kd_targets(d.val_y, None, d.num_classes), epochs=config["epochs"],
-                         batch_size=config["batch_size"], seed=config["seed"],
-                         checkpoint=path.with_suffix(".fit.pt"), desc="teacher", progress=progress)
-        train.atomic_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
+        hit = saved is not None and saved.get("config") == json.loads(json.dumps(config))
+        if hit:
+            teacher.load_state_dict(saved["model"])
+            info = saved["info"]
+        else:
+            train.seed_everything(config["seed"])
+            teacher = teacher_cnn(d.num_classes).to(device)
+            loss = make_loss(d.num_classes)
+            info = fit_keras(teacher, d, loss, kd_targets(d.train_y, None, d.num_classes),
+                             kd_targets(d.val_y, None, d.num_classes), epochs=config["epochs"],
+                             batch_size=config["batch_size"], seed=config["seed"],
+                             checkpoint=path.with_suffix(".fit.pt"), desc="teacher", progress=progress)
+            train.atomic_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
     teacher.eval().requires_grad_(False)
     return teacher, dict(info, cache_hit=hit, path=str(path), key=train.config_hash(config),
                          weights_hash=weights_hash(teacher))

@@ -12,6 +12,7 @@ Layout of one run (written by `kdnb run` / `make reproduce`):
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -32,6 +33,32 @@ NOT_IN_RUN_ID = ("output_dir", "data_dir")
 # parameters added after run records were committed, with the value every earlier run computed with: at that value
 # they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
 ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None}
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str | os.PathLike, waiting: str | None = None):
+    """Hold an exclusive lock on `lock_path` (created if needed) for the block; another process (or thread) asking
+    for the same lock waits, after printing `waiting` once. Serialises one machine, not hosts sharing a filesystem."""
+    import fcntl
+
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def teacher_lock(path: Path):
+    """The lock a cached teacher is trained under: a second run of the same configuration waits for the first and
+    then loads its weights, instead of training the same teacher beside it (and writing the same checkpoint)."""
+    return exclusive(Path(path).with_suffix(".lock"), f"waiting for another process training the teacher "
+                                                      f"{Path(path).name}")
 
 
 def param(params: dict, name: str):

@@ -238,19 +238,21 @@ def get_teacher(mnist: Mnist, config: dict, *, device: str = "cpu", progress: bo
     """The cached teacher of this configuration, trained and written (atomically) on a miss.
     Returns (teacher in eval mode, info with 'cache_hit', 'path', 'key' and the training history)."""
     path = teacher_path(config)
-    saved = torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
-    hit = saved is not None and saved.get("config") == config
-    if hit:
-        teacher = models.TeacherMLP(dropout_at_inference=config["dropout_at_inference"]).to(device)
-        teacher.load_state_dict(saved["model"])
-        info = saved["info"]
-    else:
-        # checkpointed every epoch beside the cache file (named by the same configuration): a killed run resumes
-        # the teacher instead of training it again
-        fit_ckpt = path.with_suffix(".fit.pt")
-        teacher, info = train_teacher(mnist, config, device=device, progress=progress, checkpoint=fit_ckpt)
-        train.atomic_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
-        fit_ckpt.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with runs.teacher_lock(path):
+        saved = torch.load(path, map_location=device, weights_only=True) if path.is_file() else None
+        hit = saved is not None and saved.get("config") == config
+        if hit:
+            teacher = models.TeacherMLP(dropout_at_inference=config["dropout_at_inference"]).to(device)
+            teacher.load_state_dict(saved["model"])
+            info = saved["info"]
+        else:
+            # checkpointed every epoch beside the cache file (named by the same configuration): a killed run resumes
+            # the teacher instead of training it again
+            fit_ckpt = path.with_suffix(".fit.pt")
+            teacher, info = train_teacher(mnist, config, device=device, progress=progress, checkpoint=fit_ckpt)
+            train.atomic_save({"config": config, "model": teacher.state_dict(), "info": info}, path)
+            fit_ckpt.unlink(missing_ok=True)
     teacher.eval().requires_grad_(False)
     return teacher, dict(info, cache_hit=hit, path=str(path), key=train.config_hash(config))
 

@@ -6,6 +6,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,38 @@ def test_kdnb_run_finds_the_voc_files_a_finished_02_record_read():
     entry = next(e for e in data.reads() if e["dataset"] == "voc2012")
     files = data.files_for("voc2012", "train", "synthetic")
     assert {str(f.resolve()) for f in files} == set(entry["files"])
+
+
+def test_a_second_trainer_of_the_same_teacher_waits_for_the_first(tmp_path, capsys):
+    """Two sweep workers of one configuration used to train the same teacher side by side (a core wasted for the
+    teacher's whole training, both writing its checkpoint): the cache's lock makes the second wait, then load."""
+    import threading
+
+    from kdnb import runs
+
+    order, first_in = [], threading.Event()
+
+    def first():
+        with runs.teacher_lock(tmp_path / "teacher-x.pt"):
+            first_in.set()
+            time.sleep(0.5)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    first_in.wait(5)
+    with runs.teacher_lock(tmp_path / "teacher-x.pt"):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+    assert "waiting for another process training the teacher teacher-x.pt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, name", [("kdnb.unseen_classes", "get_teacher"), ("kdnb.emnist_student", "get_teacher"),
+                                          ("kdnb.dml_calibration", "get_teacher")])
+def test_every_teacher_cache_trains_under_its_lock(module, name):
+    import importlib
+    import inspect
+
+    source = inspect.getsource(getattr(importlib.import_module(module), name))
+    assert "runs.teacher_lock(path)" in source and source.index("teacher_lock") < source.index("torch.load")
