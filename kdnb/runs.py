@@ -32,7 +32,8 @@ RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
 NOT_IN_RUN_ID = ("output_dir", "data_dir")
 # parameters added after run records were committed, with the value every earlier run computed with: at that value
 # they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
-ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None}
+ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None,
+               "teacher_bn_train_mode": None, "shuffle": None}  # 05's flags; 03's shuffle is never None
 
 
 @contextlib.contextmanager

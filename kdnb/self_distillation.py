@@ -5,7 +5,7 @@ Step 0 fits the ground truth; step t >= 1 trains a fresh network on
     + reg_coef * sum of per-tensor L2 norms (not squared: quirk E-Q5),
 with the previous step's *last-epoch* network as the frozen teacher.
 
-Quirks as flags (faithful value first):
+Quirks as flags (faithful value first; None in the notebook = the variant's value):
   teacher_bn_train_mode  True | False   E-Q2: Lightning's .train() recursed into the teacher, whose
                                          BatchNorm then used batch statistics while producing targets
   shuffle                False | True   E-Q4: the source never reshuffled the training set
@@ -76,6 +76,32 @@ def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, va
         validate.fail("reg_coef", reg_coef, "must be a number >= 0")
     validate.choices("variants", variants, VARIANTS)
     validate.choice("arch", arch, models.RESNETS)
+    for name in VARIANTS["faithful"]:
+        value = _.get(name)
+        if value is not None and not isinstance(value, bool):
+            validate.fail(name, value, "must be None (the variant's value), True or False")
+
+
+def variant_flags(variant: str, params: dict) -> dict:
+    """The quirk flags a variant runs with: the variant's values, overridden by any flag given explicitly."""
+    validate.choice("variants", variant, VARIANTS)
+    return {k: (v if params.get(k) is None else params[k]) for k, v in VARIANTS[variant].items()}
+
+
+def run_variants(cifar: "Cifar", params: dict, *, device: str = "cpu", checkpoint=lambda name: None) -> list[dict]:
+    """Every (variant, seed) of the notebook's ResNet part: `run` with the variant's flags; one row per (variant,
+    alpha, step, seed) with the flags it ran with."""
+    rows = []
+    for variant in params["variants"]:
+        flags = variant_flags(variant, params)
+        for seed in params["seeds"]:
+            out = run(cifar, seed=seed, arch=params["arch"], sd_alphas=params["sd_alphas"],
+                      distillation_steps=params["distillation_steps"], epochs=params["epochs"],
+                      batch_size=params["batch_size"], lr=params["lr"], reg_coef=params["reg_coef"],
+                      precision=params["precision"], device=device,
+                      checkpoint=lambda name, v=variant: checkpoint(f"{v}-{name}"), desc=f"{variant} ", **flags)
+            rows += [dict(r, variant=variant, flags=flags) for r in out]
+    return rows
 
 
 @dataclass
@@ -203,3 +229,31 @@ def e4_verdict(acc, *, profile: str) -> dict:
         note = f"{profile} profile; " + "; ".join(lines)
     return {"verdict": verdict, "note": note, "values": values,
             "text": "\n".join(lines) + (f"\nE4 verdict ({profile}): {verdict or 'none'}" + (f" - {note}" if verdict is None else ""))}
+
+
+# ---------------------------------------------------------------- attribution (issue 12, kdnb.attribution)
+
+QUIRKS = {k: (VARIANTS["faithful"][k], VARIANTS["corrected"][k]) for k in VARIANTS["faithful"]}
+ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
+# two flags: faithful + one corrected flag is corrected - the other, so four runs per seed cover the six rows
+ABLATION_RUNS = [{"variants": ["faithful"]}, {"variants": ["corrected"]},
+                 {"variants": ["faithful"], "teacher_bn_train_mode": False}, {"variants": ["faithful"], "shuffle": True}]
+ATTRIBUTION_PROFILE = "reduced"  # the lossless CIFAR-10 subset on CPU; full needs CIFAR-10 and a GPU
+GAIN_ALPHA = 0.6  # the source README's alpha
+ATTRIBUTION = {"E4": ("sd_gain", f"last step's final test accuracy with alpha {GAIN_ALPHA} minus step 0's "
+                                 "(points)")}
+
+
+def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
+    """One sample per (variant, seed) of a run that trained alpha GAIN_ALPHA: the gain of self-distillation over the
+    ground-truth-only step 0, with the flags the variant ran with (records made before the flags were parameters
+    ran with the variant's own)."""
+    last = params["distillation_steps"] - 1
+    final = {(r["variant"], r["seed"], r["alpha"], r["step"]): r for r in metrics.get("resnet_rows", [])}
+    out = []
+    for (variant, seed, alpha, step), r in final.items():
+        base = final.get((variant, seed, None, 0))
+        if alpha == GAIN_ALPHA and step == last and base is not None:
+            out.append({"flags": r.get("flags") or variant_flags(variant, params), "protocol": {}, "seed": seed,
+                        "value": round(100.0 * (r["final_acc"] - base["final_acc"]), 4)})
+    return out

@@ -217,3 +217,22 @@ def test_two_runs_per_seed_fill_all_six_rows_of_04():
     by = {(r["start"], r["change"]): r for r in table}
     assert by[("faithful", "t2_scaling=True")]["delta_vs_start"] == pytest.approx(0.1)
     assert by[("corrected", "validation=test")]["delta_vs_start"] == pytest.approx(0.2)
+
+
+def test_05_declares_its_two_flags_and_reads_records_made_before_they_were_parameters():
+    from kdnb import self_distillation as sd
+
+    assert [c for s, c, _ in attribution.points("05_self_distillation")] == [
+        "none", "teacher_bn_train_mode=False", "shuffle=True", "none", "teacher_bn_train_mode=True", "shuffle=False"]
+    params = dict(sd.PROFILES["reduced"], profile="reduced")  # no flag keys: made before they were parameters
+    rows = [{"variant": v, "seed": 0, "alpha": a, "step": st, "final_acc": acc} for v, a, st, acc in (
+        ("faithful", None, 0, 0.40), ("faithful", 0.6, 2, 0.45), ("faithful", 0.0, 2, 0.30),
+        ("corrected", None, 0, 0.42), ("corrected", 0.6, 2, 0.43))]
+    got = sd.attribution_samples("E4", params, {"resnet_rows": rows})
+    assert [(s["flags"], s["value"]) for s in got] == [(sd.VARIANTS["faithful"], 5.0), (sd.VARIANTS["corrected"], 1.0)]
+    covered = {key for run in sd.ABLATION_RUNS for v in run["variants"]
+               for key in attribution.classify(sd, {"flags": sd.variant_flags(v, run), "protocol": {}})}
+    assert covered == {(s, c) for s, c, _ in attribution.points("05_self_distillation")}  # 4 runs, all 6 rows
+    with pytest.raises(ValueError, match="shuffle='yes'"):
+        sd.check(**dict(params, shuffle="yes"))
+    assert sd.variant_flags("corrected", dict(params, shuffle=False)) == {"teacher_bn_train_mode": False, "shuffle": False}

@@ -370,6 +370,7 @@ def test_a_refused_token_is_one_line_and_exit_2_before_any_trial(tiny, tmp_path,
         monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     ray = pytest.importorskip("ray")
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init must not be reached"))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # this module's local cluster may be up
     start = time.time()
     code = cli.main(["sweep", str(tiny), "--grid", "x=1,2", "--seeds", "0", "--backend", "ray", "--address", "127.0.0.1:6390",
                      "--results", str(tmp_path / "results"), "--no-progress"])
