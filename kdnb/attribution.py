@@ -41,7 +41,7 @@ def study(notebook: str):
 
 
 def studies() -> list[str]:
-    return [nb for nb in profiles.STUDY_MODULES if study(nb) is not None]
+    return sorted(nb for nb in profiles.STUDY_MODULES if study(nb) is not None)
 
 
 def change_label(changes: dict) -> str:
