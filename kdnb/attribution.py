@@ -223,7 +223,8 @@ def sentences(rs: list[dict], reported: float | None) -> list[str]:
         gap = c["mean"] - f["mean"]
         out.append(f"- Faithful {_num(f['mean'])} (n={f['n_seeds']}) → corrected {_num(c['mean'])} "
                    f"(n={c['n_seeds']}): a gap of {_num(gap)}"
-                   + (f"; reported {reported:.2f}." if reported is not None else "."))
+                   + (f"; reported {reported:.2f}" if reported is not None else "")
+                   + ("; fewer than 3 seeds at an end: inconclusive." if min(f["n_seeds"], c["n_seeds"]) < 3 else "."))
         for start in STARTS:
             singles = [r for r in rs if r["start"] == start and r["change"] != "none" and r["delta_vs_start"] is not None]
             if not singles:

@@ -96,6 +96,7 @@ def test_rows_count_each_seed_once_newest_first_and_compute_the_deltas():
     md = attribution.markdown(attribution.rows(recs), NB)
     assert "| faithful | `validation=heldout` | 2 | 82.00 |" in md
     assert "fewer than 3 seeds paired with the start on some row, inconclusive" in md  # validation=heldout: 2
+    assert "fewer than 3 seeds at an end: inconclusive." in md  # corrected has 2 seeds
 
 
 def test_sentences_name_the_single_change_that_moves_it_most():
