@@ -106,7 +106,12 @@ def test_committed_report_is_up_to_date():
     readme = runs.RESULTS / "README.md"
     if not readme.is_file():
         pytest.skip("no results/README.md yet")
-    assert readme.read_text() == report.render_markdown(report.rows())
+    from kdnb import attribution
+
+    records = report.load_runs()
+    ablation = attribution.rows(records)
+    assert readme.read_text() == report.render_markdown(report.rows(records=records), ablation)
+    assert (runs.RESULTS / "attribution.csv").read_text() == attribution.csv_text(ablation)
 
 
 def test_report_counts_each_seed_once(tmp_path):
