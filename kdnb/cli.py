@@ -115,26 +115,16 @@ def run(name: str, given: dict, *, force: bool = False, log_output: bool = False
     return out
 
 
-class _folder_lock:
+def _folder_lock(out: Path):
     """An exclusive lock on a run folder, held while its notebook runs. The lock file lives in the kdnb cache (a
     run folder holds only its record), so it serialises runs of one machine, not of several sharing a filesystem."""
+    import hashlib
 
-    def __init__(self, out: Path):
-        import hashlib
+    from . import data
 
-        from . import data
-
-        self.out = out
-        folder = runs.check_writable(data.cache_dir() / "locks", "kdnb cache")
-        self.path = folder / f"{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
-
-    def __enter__(self):
-        self._held = runs.exclusive(self.path, f"waiting for another kdnb run of {_show(self.out)} to finish")
-        self._held.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._held.__exit__(*exc)
+    folder = runs.check_writable(data.cache_dir() / "locks", "kdnb cache")
+    path = folder / f"{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    return runs.exclusive(path, f"waiting for another kdnb run of {_show(out)} to finish")
 
 
 def stale_reason(out: Path, data_dir=None, *, cwd: Path | None = None) -> str | None:
