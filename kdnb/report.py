@@ -118,6 +118,7 @@ def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> lis
                 recs = sorted((r for r, u in zip(recs, used) if u), key=lambda r: str(r["_dir"]))
                 mean, std = _aggregate(values) if values else (None, None)
                 reported, diff = claim.get("reported"), None
+                ci = ci95_halfwidth(std, len(values))
                 verdicts = {e["verdict"] for e in entries if e.get("verdict")}
                 notes = "; ".join(sorted({e["note"] for e in entries if e.get("note")}))
                 if verdicts:
@@ -126,14 +127,14 @@ def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> lis
                     verdict = "no reported number"
                 elif mean is not None:
                     diff = np.asarray(mean) - np.asarray(reported, dtype=float)
-                    verdict = judge(diff, ci95_halfwidth(std, len(values)), float(claim.get("tolerance", 0.0)))
+                    verdict = judge(diff, ci, float(claim.get("tolerance", 0.0)))
                 else:
                     verdict = "no values"
                 if verdict not in ("no reported number", "no values") and _seeded(entries) and len(values) < MIN_SEEDS:
                     said = "this seed says" if len(values) == 1 else "these seeds say"
                     verdict = f"inconclusive (n={len(values)} < {MIN_SEEDS} seeds; {said}: {verdict.split(' (')[0]})"
                 table.append(dict(base, profile=profile, reproduced=_tolist(mean), std=_tolist(std),
-                                  ci95=_tolist(ci95_halfwidth(std, len(values))), seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
+                                  ci95=_tolist(ci), seeds=len(values), diff=_tolist(diff), verdict=verdict, note=notes,
                                   runs=[str(r["_dir"].relative_to(results)) for r in recs]))
     return table
 
