@@ -106,8 +106,9 @@ def t_interval(values: list[float]) -> tuple[float, float, float | None, float |
     return mean, std, mean - half, mean + half
 
 
-# what a run may differ in from its study's attribution profile and still be counted: the ablation's own axes
-_FREE = ("seeds", "variants", "profile", "device", "download", "data_dir", "output_dir")
+# what a run may differ in from its study's attribution profile and still be counted: the ablation's own axes and
+# where things are (runs.NOT_IN_RUN_ID) or run
+_FREE = ("seeds", "variants", "profile", "device", "download", *runs.NOT_IN_RUN_ID)
 
 
 def same_configuration(m, params: dict) -> bool:
@@ -135,10 +136,11 @@ def rows(records: list[dict]) -> list[dict]:
     for notebook in studies():
         m = study(notebook)
         order = {(s, c): i for i, (s, c, _) in enumerate(points(notebook))}
+        mine = runs.newest_first([r for r in records if r.get("notebook") == notebook
+                                  and same_configuration(m, r.get("params", {}))])
         for claim, (metric, _) in m.ATTRIBUTION.items():
             found: dict[tuple[str, str], dict] = {}
-            mine = [r for r in records if r.get("notebook") == notebook and same_configuration(m, r.get("params", {}))]
-            for rec in runs.newest_first(mine):
+            for rec in mine:
                 for sample in m.attribution_samples(claim, rec["params"], rec.get("metrics") or {}):
                     for key in classify(m, sample):
                         slot = found.setdefault(key, {"values": {}, "runs": set()})
