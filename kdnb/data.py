@@ -229,7 +229,7 @@ def _voc_files(split: str, source: str, data_dir=None, *, cwd=None) -> list[Path
 
 def require(dataset: str, source: str, data_dir=None, *, download: bool = False) -> None:
     """DataNotFoundError now, before any other work, when load(dataset, ..., source=source) would not find the
-    files (a notebook whose data is read late calls this in its setup cell)."""
+    files (a study whose notebook reads its data late calls this from its `require_data`, in the setup cell)."""
     if source == "sample" or download:
         return
     for split in ("train", "test"):

@@ -46,6 +46,11 @@ PROFILES = {
 }
 
 
+def require_data(params: dict, data_dir) -> None:
+    """Missing CIFAR-10 stops the setup cell: the exact kernel cells run before the ResNet part reads it."""
+    data.require("cifar10", params["data_source"], data_dir, download=params["download"])
+
+
 def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, alphas=None,
           gamma=None, lam=None, steps=None, precision="fp32", profile=None, **_):
     """Every parameter of notebook 05 (the KRR ones too when given), before any data is read."""

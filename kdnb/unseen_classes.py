@@ -151,6 +151,14 @@ def cell_name(cell: dict) -> str:
     return f"T={cell['temperature']:g} w={cell['soft_weight']:g} lr={cell['lr']:g}"
 
 
+def describe(params: dict) -> str:
+    """What the setup cell prints (kdnb.study.setup): the parameters set, each variant's flags, the configurations."""
+    from .study import set_values
+
+    return "\n".join([str(set_values(params))] + [f"{v:>9}: {variant_flags(v, params)}" for v in params["variants"]]
+                     + [f"configurations: {[cell_name(c) for c in cells(params)]}"])
+
+
 def unseen_classes(kept_classes) -> list[int]:
     return [c for c in _ALL if c not in set(kept_classes)]
 

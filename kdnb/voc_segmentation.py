@@ -80,6 +80,28 @@ PROFILES = {
 }
 
 
+def precision_mode(params: dict, device: str) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) of the run: both on CUDA unless `bf16` says otherwise. On CUDA it also allows
+    TF32 matmuls, what the source's GPU run did by default."""
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return _precision(params, device)
+
+
+def _precision(params: dict, device: str) -> tuple[bool, bool]:
+    cuda = str(device).startswith("cuda")
+    return (cuda if params["bf16"] is None else params["bf16"]), cuda
+
+
+def describe(params: dict) -> str:
+    """What the setup cell prints (kdnb.study.setup): the parameters set and the precision the device gets."""
+    from .study import set_values
+
+    bf16, channels_last = _precision(params, validate.device(params["device"]))
+    return f"{set_values(params)}\nbf16 autocast: {bf16}, channels_last: {channels_last}"
+
+
 def check(*, data_source, image_size, epochs, batch_size, test_batch_size, lr, weight_decay, temperature,
           alpha_response, alpha_feature, es_patience, plateau_patience, holdout, variants, students, num_workers,
           latency_iters, bf16=None, **_):
