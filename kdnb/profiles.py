@@ -49,6 +49,15 @@ def resolve(notebook: str, **params) -> dict:
     return dict(sorted(out.items()))
 
 
+def trained_profile(params: dict, notebook: str, profile: str, free=("seeds",)) -> bool:
+    """Whether a run record's parameters are `profile`'s configuration as defined today, `free` keys aside: a profile
+    that grew (03's reduced, issue 16) leaves its older records behind under the same name."""
+    from .runs import param
+
+    return params.get("profile") == profile and all(
+        param(params, k) == v for k, v in profiles_of(notebook)[profile].items() if k not in free)
+
+
 # ---------------------------------------------------------------- papermill as a client: the notebook checks itself
 
 # IPython's own names in every kernel's namespace; never parameters
@@ -63,8 +72,8 @@ def notebook_parameters(notebook: str) -> dict:
 
 
 def from_namespace(notebook: str, namespace: dict) -> dict:
-    """What a notebook's setup cell calls first, with `globals()`: `resolve` for the parameters as the kernel holds
-    them, after the checks `kdnb run` makes before it starts a kernel. Plain papermill injects values unchecked
+    """What a notebook's setup cell calls first (through kdnb.study.setup), with `globals()`: `resolve` for the
+    parameters as the kernel holds them, after the checks `kdnb run` makes before it starts a kernel. Plain papermill injects values unchecked
     (a misspelt name is only a warning there, YAML reads `1e-3` as a string, `-p` passes lists as strings), so:
     a name that is not a parameter stops here with `kdnb run`'s line; a string given for a parameter that is
     never a string is read as a Python literal (said once); device='cuda' without CUDA stops here."""
