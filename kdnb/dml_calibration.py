@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, runs, train, validate
+from . import claims, data, losses, metrics, models, numerics, runs, train, validate
 
 NUM_CLASSES = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # the source's single-value Normalize, broadcast to 3 channels
@@ -598,7 +598,7 @@ def c1_verdict(results_by_seed: dict, summary, *, after_epoch: float) -> dict:
         if has_e:
             parts["DML ~ DML_e"] = bool(abs(acc_a - acc_e) <= C1_SAME)
         k = sum(parts.values())
-        verdict = "supported" if k == len(parts) else ("not supported" if k == 0 else "mixed")
+        verdict = claims.verdict(k, len(parts))
         out[tag] = {"verdict": verdict, "values": [acc_a, acc_e, base_acc, d, base_drop], "parts": parts}
         lines.append(f"C1 {tag}: {verdict} - {a} {acc_a:.4f}" + (f", {e} {acc_e:.4f}" if has_e else f" ({e} not run)")
                      + f" vs baseline {base_acc:.4f} (final test acc, cohort mean); largest check-to-check drop "
@@ -615,8 +615,7 @@ def c2_verdict(summary) -> dict:
              "smoothed higher entropy": bool(s["entropy"] > u["entropy"]),
              "unsmoothed lower train-batch ECE": bool(u["train_batch_ece_last_epoch"] < s["train_batch_ece_last_epoch"]),
              "unsmoothed higher accuracy": bool(u["final_acc"] > s["final_acc"])}
-    k = sum(parts.values())
-    verdict = "supported" if k == 4 else ("not supported" if k == 0 else "mixed")
+    verdict = claims.verdict(sum(parts.values()), len(parts))
     values = [s["train_batch_ece_last_epoch"], u["train_batch_ece_last_epoch"], s["ece"], u["ece"], s["final_acc"],
               u["final_acc"], s["entropy"], u["entropy"]]
     text = (f"C2: {verdict} - smoothed vs unsmoothed: train-batch ECE {values[0]:.4f} vs {values[1]:.4f}, test ECE "

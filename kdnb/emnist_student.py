@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, models, numerics, runs, train, validate
+from . import claims, data, losses, models, numerics, papers, runs, train, validate
 
 NOTEBOOK = "04_emnist_mlp_student"
 DATASETS = ("emnist_letters", "mnist", "fashion_mnist")
@@ -410,10 +410,10 @@ def accuracy_table(result: dict):
 
 # ---------------------------------------------------------------- claims (papers/04_emnist_mlp_student.yaml)
 
-# A claim is recorded only by a run made under the source's conditions (the full protocol of one notebook run:
-# teacher, MLP alone and distilled MLP); smoke runs record none. Stand-in datasets record their own claim ids.
-CLAIM_CONDITIONS = dict(data_source="real", temperature=10.0, lam=0.5, batch_size=256, validation="test",
-                        train_baseline=True)
+# A claim is recorded only by a run made under the source's conditions, the card's `run_with` (the full protocol
+# of one notebook run: teacher, MLP alone and distilled MLP); smoke runs record none. Stand-in datasets record their
+# own claim ids, under the same conditions.
+CLAIM_CONDITIONS = papers.load("04_emnist_mlp_student")["run_with"]
 
 
 def claim_id(base: str, dataset: str) -> str:
@@ -452,7 +452,7 @@ def claim_values(params: dict, result: dict) -> dict:
                                                          f"distilled {np.mean([_pct(kd[s]) for s in both]):.2f} %"]))}
         if stand_in:  # no reported number to compare with: say whether KD helped on every seed
             better = sum(g > 0 for g in gains)
-            entry["verdict"] = "supported" if better == len(gains) else ("mixed" if better else "not supported")
+            entry["verdict"] = claims.verdict(better, len(gains))
         out[claim_id("D3-gain", ds)] = entry
     return {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in out.items()}
 
@@ -533,7 +533,7 @@ def d4_claim(params: dict, table) -> dict | None:
             f"lam={table.columns[l_best]:g}: {best:.2f} %")
     if is_stand_in(ds):
         note = f"{dataset_label(ds)}: not comparable with EMNIST; " + note
-    return {"values": [round(float(ref - best), 2)], "verdict": "supported" if rank == 1 else "not supported",
+    return {"values": [round(float(ref - best), 2)], "verdict": claims.verdict(int(rank == 1), 1),
             "note": note}
 
 
