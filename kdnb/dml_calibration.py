@@ -677,3 +677,31 @@ def evidence_markdown(profile: str = "reduced", results=None) -> str:
                      f"{t_acc:.3f}; the student's test ECE {col(cq[0], 'ece').mean():.3f}. KD's from-scratch teacher "
                      f"{col('teacher', 'final_acc').mean():.3f} against the baseline's {base.mean():.3f}.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- attribution (issue 12, kdnb.attribution)
+
+# C1's quirks: the ones that change how a DML cohort trains (C-Q2 changes only DML_e, C-Q5 only cross-quality KD)
+QUIRKS = {"dml_students_stuck_in_eval": (True, False),  # C-Q11
+          "dml_update": ("simultaneous", "alternating"),  # C-Q6
+          "shuffle": (False, True)}  # C-Q9
+# a row needs only the baseline and the DML cohort (4 ResNet-18s, no teacher): about a third of a reduced run
+_C1_RUNS = ["baseline", "dml"]
+ABLATION_STARTS = {"faithful": {**{k: v[0] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS},
+                   "corrected": {**{k: v[1] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS}}
+ATTRIBUTION_PROFILE = "reduced"
+ATTRIBUTION = {"C1": ("dml_minus_baseline", "DML cohort's mean final test accuracy minus the baseline's (points)")}
+
+
+def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
+    """One sample per seed of a run that trained both the baseline and the `dml` cohort: its quirk flags and the
+    cohort's mean final test accuracy minus the baseline's, in points."""
+    if claim != "C1":
+        return []
+    acc: dict[tuple[str, int], list[float]] = {}
+    for m in metrics.get("members", []):
+        acc.setdefault((m["run"], m["seed"]), []).append(m["final_acc"])
+    flags = {k: runs.param(params, k) for k in QUIRKS}
+    return [{"flags": flags, "protocol": {}, "seed": seed,
+             "value": round(100 * (float(np.mean(acc[("dml", seed)])) - acc[("baseline", seed)][0]), 4)}
+            for (run, seed) in sorted(acc) if run == "baseline" and ("dml", seed) in acc]
