@@ -104,3 +104,12 @@ def test_setup_of_05_names_missing_cifar_before_the_exact_part(tmp_path, monkeyp
               data_source="subset", profile="reduced")
     with pytest.raises(data.DataNotFoundError, match="cifar10_subset.npz"):
         study.setup("05_self_distillation", ns)
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS)
+def test_every_profile_value_is_a_parameter_of_its_notebook(nb):
+    """One declaration: a value a profile sets that the notebook does not take (05's data_source once) could never
+    be given with -p; `kdnb run 05_self_distillation --profile smoke -p data_source sample` must be accepted."""
+    names = set(profiles.notebook_parameters(nb))
+    for profile, values in study.module(nb).PROFILES.items():
+        assert set(values) <= names, (profile, sorted(set(values) - names))
