@@ -1,7 +1,7 @@
 """kdnb: thin, tested helpers behind the notebooks that reproduce knowledge-distillation studies.
 
 Modules are small and flat on purpose (read them in this order):
-validate -> data -> samples -> models -> losses -> metrics -> train -> krr -> runs -> report -> cli.
+validate -> data -> samples -> models -> losses -> metrics -> train -> krr -> runs -> runner -> report -> cli.
 """
 __version__ = "0.1.0"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdnb import cli, data, runs, samples, train
+from kdnb import data, runner, runs, samples, train
 from kdnb import emnist_student as es
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,6 +82,6 @@ def test_emnist_teacher_and_logit_keys():
 def test_run_folder_lock_name(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(runs, "exclusive", lambda path, waiting: seen.append(Path(path)))
-    cli._folder_lock(tmp_path / "r")
+    runner._folder_lock(tmp_path / "r")
     name = hashlib.sha1(str((tmp_path / "r").resolve()).encode()).hexdigest()[:16]
     assert seen == [data.cache_dir() / "locks" / f"{name}.lock"]
