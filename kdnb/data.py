@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -302,22 +301,19 @@ def _check_idx_set(dataset: str, files: Sequence[Path], *, shown: Sequence[Path]
 
 
 def _decompress(dataset: str, gz: Path, dest: Path) -> None:
-    """gz -> dest through a uniquely named temp file, checked against its idx header, then renamed: two runs
+    """gz -> dest through runs.atomic_path, checked against its idx header before the rename: two runs
     decompressing the same file at once both succeed, and a failed one leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
+    from . import runs
+
+    with runs.atomic_path(dest) as tmp:
         try:
-            with os.fdopen(fd, "wb") as out, gzip.open(gz, "rb") as src:
+            with open(tmp, "wb") as out, gzip.open(gz, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
         except EOFError:
             raise DataCorruptError(dataset, gz, "the compressed file ends early (truncated)") from None
         except (gzip.BadGzipFile, zlib.error) as e:
             raise DataCorruptError(dataset, gz, f"not valid gzip: {e}") from None
-        tmp_path = Path(tmp)
-        _check_idx(dataset, tmp_path, tmp_path.stat().st_size, _read_header(tmp_path), shown=gz)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        _check_idx(dataset, tmp, tmp.stat().st_size, _read_header(tmp), shown=gz)
 
 
 def _idx_root(dataset: str, roots: Sequence[Path]) -> Path | None:

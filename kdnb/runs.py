@@ -90,21 +90,29 @@ _HOW_TO_MOVE = {"results folder": "output_dir / --results / KDNB_RESULTS", "kdnb
                 "output_dir": "output_dir", "checkpoints folder": "output_dir"}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a uniquely named temp file in the same folder and a rename: readers see the old file or
-    the new one, never half of one, even when two processes write the same path at once."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temp path beside `path` for the block to write; renamed over `path` when the block ends, removed when it
+    raises. Readers see the old file or the new one, never half of one; the temp name is unique, so two processes
+    writing the same path at once never write into one file (the last rename wins, whole). Every writer of the
+    package goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: the file is as readable as one written plainly
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -138,17 +146,10 @@ def atomic_write_yaml(path, obj) -> Path:
 
 
 def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """A matplotlib figure as PNG, written to a temp file beside the target and renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
+    """A matplotlib figure as PNG (format given: the temp file's name does not end in .png)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def run_id(params: dict) -> str:

@@ -22,6 +22,20 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_atomic_path_gives_each_writer_its_own_temp_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    with runs.atomic_path(target) as a, runs.atomic_path(target) as b:
+        assert a != b and a.parent == b.parent == tmp_path
+        a.write_bytes(b"a")
+        b.write_bytes(b"b")
+    assert target.read_bytes() == b"a"  # b is renamed first (inner block), a last: the last rename wins, whole
+    with pytest.raises(RuntimeError):
+        with runs.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError
+    assert target.read_bytes() == b"a" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
 def test_run_id_is_a_hash_of_what_is_computed():
     a = runs.run_id({"profile": "reduced", "lr": 0.1, "output_dir": "x", "data_dir": "/d"})
     b = runs.run_id({"lr": 0.1, "profile": "reduced", "output_dir": "y"})
