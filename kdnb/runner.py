@@ -111,12 +111,10 @@ def run(name: str, given: dict, *, force: bool = False, log_output: bool = False
 def _folder_lock(out: Path):
     """An exclusive lock on a run folder, held while its notebook runs. The lock file lives in the kdnb cache (a
     run folder holds only its record), so it serialises runs of one machine, not of several sharing a filesystem."""
-    import hashlib
-
     from . import data
 
     folder = runs.check_writable(data.cache_dir() / "locks", "kdnb cache")
-    path = folder / f"{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]}.lock"
+    path = folder / f"{runs.digest(str(out.resolve()).encode(), 16)}.lock"
     return runs.exclusive(path, f"waiting for another kdnb run of {show(out)} to finish")
 
 

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -152,13 +152,36 @@ def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     return Path(path)
 
 
+def digest(data, n: int | None = None, algo: str = "sha1", *, default=None) -> str:
+    """The first `n` hex digits (all of them: None) of `algo` over bytes as they are, or over anything else as JSON
+    with sorted keys (`default` as json.dumps takes it). Run ids and cache keys are spelt with it: committed results/
+    folders and cached teachers are named by its output, so not one byte of it may change (tests/test_digests.py)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = json.dumps(data, sort_keys=True, default=default).encode()
+    return hashes([data], algo)[algo][:n]
+
+
+def hashes(chunks: Iterable[bytes], *algos: str) -> dict[str, str]:
+    """{algo: full hex digest} of the bytes `chunks` yields, every algorithm in one pass (a large file is read once)."""
+    hs = {a: hashlib.new(a) for a in algos}
+    for chunk in chunks:
+        for h in hs.values():
+            h.update(chunk)
+    return {a: h.hexdigest() for a, h in hs.items()}
+
+
+def file_hashes(path: str | os.PathLike, *algos: str) -> dict[str, str]:
+    """hashes() of a file's bytes, read in 1 MiB chunks (a dataset file need not fit in memory twice)."""
+    with open(path, "rb") as f:
+        return hashes(iter(lambda: f.read(1 << 20), b""), *algos)
+
+
 def run_id(params: dict) -> str:
     """<profile>-<hash of the resolved parameters>: the same parameters always land in the same folder,
     which is what makes a finished run skippable and an interrupted one resumable."""
     keyed = {k: v for k, v in params.items()
              if k not in NOT_IN_RUN_ID and not (k in ADDED_LATER and v == ADDED_LATER[k])}
-    digest = hashlib.sha1(json.dumps(_jsonable(keyed), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{params.get('profile', 'run')}-{digest}"
+    return f"{params.get('profile', 'run')}-{digest(_jsonable(keyed), 10)}"
 
 
 def newest_first(records: list[dict]) -> list[dict]:
@@ -185,7 +208,7 @@ LOCK = REPO / "requirements.lock"
 
 def lock_hash() -> str | None:
     """sha256 (first 16 hex digits) of the pinned environment the run was installed from, if this is a checkout."""
-    return hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else None
+    return digest(LOCK.read_bytes(), 16, "sha256") if LOCK.is_file() else None
 
 
 def environment(device: str = "cpu") -> dict:

@@ -8,8 +8,6 @@ finished epoch (losing at most one epoch) and a finished fit returns at once.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import random
@@ -255,7 +253,7 @@ class KerasReduceLROnPlateau:
 
 def config_hash(obj) -> str:
     """Short stable hash of a JSON-able configuration (names cached teachers and checkpoints)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return runs.digest(obj, 12, default=str)
 
 
 @torch.no_grad()
