@@ -2,8 +2,8 @@
 1. study (the shape every study shares: setup cell, module contract, sections) and profiles (parameters per profile);
 2. a study module, e.g. unseen_classes: PROFILES, check, VARIANTS (quirk flags), run, claims;
 3. its pieces: validate -> data -> samples -> models -> losses -> metrics -> train (krr: exact kernel maths);
-4. records: runs (run ids, atomic writes, Run) -> report, glance, attribution (results/ and the notebooks' verdicts);
-5. batch: cli (`kdnb run`, `kdnb sweep`, `kdnb report`) -> sweep (local or Ray); numerics (dtype, threads).
+4. records: runs (run ids, digests, atomic writes, Run) -> report, glance, attribution (results/, verdicts);
+5. batch: runner (papermill runs) -> sweep (local or Ray) -> cli (`kdnb run/sweep/report`); numerics (dtype, threads).
 """
 __version__ = "0.1.0"
 

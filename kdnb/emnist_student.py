@@ -24,7 +24,6 @@ recorded) is what `kdnb sweep` reruns; D-Q5 (Keras vs torch defaults) is this mo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +194,7 @@ def load(dataset: str, data_source: str, *, validation: str = "test", holdout_se
 
 
 def images_hash(x: torch.Tensor) -> str:
-    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return runs.digest(x.detach().cpu().contiguous().numpy().tobytes(), 16)
 
 
 # ---------------------------------------------------------------- Keras-style training
@@ -274,13 +273,12 @@ def teacher_path(config: dict) -> Path:
 
 def weights_hash(model: nn.Module) -> str:
     """sha256 of the weights themselves (names, shapes, bytes): the key of everything computed from them."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+    def chunks():
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            yield from (name.encode(), str(tuple(t.shape)).encode(), t.numpy().tobytes())
+
+    return runs.hashes(chunks(), "sha256")["sha256"][:16]
 
 
 def get_teacher(d: Data, config: dict, *, device: str = "cpu", progress: bool = False):
@@ -321,8 +319,7 @@ def cached_logits(teacher: nn.Module, d: Data, teacher_hash: str | None = None) 
     teacher or new images give a new key, so a cache can never answer for another teacher."""
     teacher_hash = teacher_hash or weights_hash(teacher)
     sets = {"train": d.train_x, "val": d.val_x, "test": d.test_x}
-    key = hashlib.sha1(json.dumps({"teacher": teacher_hash, **{k: images_hash(x) for k, x in sets.items()}},
-                                  sort_keys=True).encode()).hexdigest()[:16]
+    key = runs.digest({"teacher": teacher_hash, **{k: images_hash(x) for k, x in sets.items()}}, 16)
     path = cache_folder() / f"logits-{key}.pt"
     if path.is_file():
         saved = torch.load(path, map_location=d.train_x.device, weights_only=True)

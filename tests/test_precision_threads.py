@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from kdnb import cli, numerics, profiles, runs, sweep
+from kdnb import numerics, profiles, runner, runs, sweep
 from kdnb import dml_calibration as dc
 from kdnb import self_distillation as sd
 
@@ -68,7 +68,7 @@ def _probe_notebook(path: Path) -> Path:
 def test_kdnb_run_and_sweep_children_get_the_policy(tmp_path, monkeypatch):
     nb = _probe_notebook(tmp_path / "probe.ipynb")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    out = cli.run(str(nb), {"x": 1}, results=tmp_path / "r1", progress_bar=False)
+    out = runner.run(str(nb), {"x": 1}, results=tmp_path / "r1", progress_bar=False)
     assert json.loads((out / "policy.json").read_text())["kernel"] == "PASSIVE"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set in kdnb run's own environment, inherited by the kernel
 

@@ -113,3 +113,10 @@ def test_every_profile_value_is_a_parameter_of_its_notebook(nb):
     names = set(profiles.notebook_parameters(nb))
     for profile, values in study.module(nb).PROFILES.items():
         assert set(values) <= names, (profile, sorted(set(values) - names))
+
+
+def test_kdnb_run_accepts_data_source_for_05(tmp_path):
+    from kdnb import runner
+
+    _, given, resolved, _ = runner.plan("05_self_distillation", {"profile": "smoke", "data_source": "sample"}, tmp_path)
+    assert given["data_source"] == resolved["data_source"] == "sample"
