@@ -333,10 +333,10 @@ def exec_notebook(name: str, given: dict) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    from kdnb import cli, runs, validate
+    from kdnb import runner, runs, validate
 
-    cli.notebook_parameters = notebook_parameters  # plan() checks the parameters against this, papermill or not
-    path, given, resolved, out = cli.plan(name, given)
+    runner.notebook_parameters = notebook_parameters  # plan() checks the parameters against this, papermill or not
+    path, given, resolved, out = runner.plan(name, given)
     validate.device(resolved["device"])
     out.mkdir(parents=True, exist_ok=True)
     nb = json.loads(path.read_text())
@@ -667,9 +667,9 @@ def main(argv=None) -> int:
         if args.child_notebook:
             given = json.loads(args.child_params)
             if args.executor == "papermill":
-                from kdnb import cli
+                from kdnb import runner
 
-                cli.run(args.child_notebook, given, progress_bar=False)
+                runner.run(args.child_notebook, given, progress_bar=False)
             else:
                 exec_notebook(args.child_notebook, given)
             return 0

@@ -1,7 +1,9 @@
-"""kdnb: thin, tested helpers behind the notebooks that reproduce knowledge-distillation studies.
-
-Modules are small and flat on purpose (read them in this order):
-validate -> data -> samples -> models -> losses -> metrics -> train -> krr -> runs -> report -> cli.
+"""kdnb: thin, tested helpers behind the notebooks that reproduce knowledge-distillation studies. Reading order:
+1. study (the shape every study shares: setup cell, module contract, sections) and profiles (parameters per profile);
+2. a study module, e.g. unseen_classes: PROFILES, check, VARIANTS (quirk flags), run, claims;
+3. its pieces: validate -> data -> samples -> models -> losses -> metrics -> train (krr: exact kernel maths);
+4. records: runs (run ids, digests, atomic writes, Run) -> report, glance, attribution (results/, verdicts);
+5. batch: runner (papermill runs) -> sweep (local or Ray) -> cli (`kdnb run/sweep/report`); numerics (dtype, threads).
 """
 __version__ = "0.1.0"
 

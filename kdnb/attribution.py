@@ -111,14 +111,14 @@ def t_interval(values: list[float]) -> tuple[float, float, float | None, float |
 _FREE = ("seeds", "variants", "profile", "device", "download", *runs.NOT_IN_RUN_ID)
 
 
-def same_configuration(m, params: dict) -> bool:
+def same_configuration(notebook: str, params: dict) -> bool:
     """Whether a record trained the attribution profile's configuration, quirk flags, protocol and seeds aside (a run
     with another teacher recipe or held-out size must not enter a row, nor replace a seed's value there)."""
+    m = study(notebook)
     free = set(_FREE) | set(m.QUIRKS) | set(getattr(m, "PROTOCOL", None) or {})
     for start in m.ABLATION_STARTS.values():
         free |= set(start)
-    return params.get("profile") == m.ATTRIBUTION_PROFILE and all(
-        runs.param(params, k) == v for k, v in m.PROFILES[m.ATTRIBUTION_PROFILE].items() if k not in free)
+    return profiles.trained_profile(params, notebook, m.ATTRIBUTION_PROFILE, free)
 
 
 def paired_delta(row: dict, start: dict) -> tuple[float | None, float | None, float | None, int]:
@@ -137,7 +137,7 @@ def rows(records: list[dict]) -> list[dict]:
         m = study(notebook)
         order = {(s, c): i for i, (s, c, _) in enumerate(points(notebook))}
         mine = runs.newest_first([r for r in records if r.get("notebook") == notebook
-                                  and same_configuration(m, r.get("params", {}))])
+                                  and same_configuration(notebook, r.get("params", {}))])
         for claim, (metric, _) in m.ATTRIBUTION.items():
             found: dict[tuple[str, str], dict] = {}
             for rec in mine:

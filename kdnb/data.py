@@ -8,11 +8,9 @@ real samples shipped inside the package (see kdnb.samples), which is what the sm
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import numerics, validate
+from . import numerics, runs, validate
 
 DATASETS = ("mnist", "fashion_mnist", "emnist_letters", "cifar10", "voc2012")
 SOURCES = ("sample", "real", "subset")
@@ -125,7 +123,7 @@ def file_digest(path: str | os.PathLike) -> str:
     key = (str(p), st.st_size, st.st_mtime_ns)
     if key in _DIGESTS:
         return _DIGESTS[key]
-    memo = cache_dir() / "digests" / f"{hashlib.sha1(key[0].encode()).hexdigest()[:16]}.json"
+    memo = cache_dir() / "digests" / f"{runs.digest(key[0].encode(), 16)}.json"
     digest = None
     try:
         saved = json.loads(memo.read_text())
@@ -134,15 +132,9 @@ def file_digest(path: str | os.PathLike) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     if digest is None:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()[:16]
-        from .runs import atomic_write_json
-
+        digest = runs.file_hashes(p, "sha256")["sha256"][:16]
         try:
-            atomic_write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest})
+            runs.atomic_write_json(memo, {"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": digest})
         except OSError:
             pass  # a read-only cache only costs hashing again next time
     _DIGESTS[key] = digest
@@ -156,7 +148,7 @@ def identity_of(entries) -> str | None:
     if not entries:
         return None
     keyed = sorted([e["dataset"], e["split"], e["source"], sorted(e["files"].values())] for e in entries)
-    return hashlib.sha256(json.dumps(keyed).encode()).hexdigest()[:16]
+    return runs.digest(keyed, 16, "sha256")  # lists only: sorting keys changes nothing
 
 
 def _record_read(dataset: str, split: str, source: str, files: Sequence[Path]) -> str | None:
@@ -180,7 +172,7 @@ def cache_key(*splits: "Split") -> dict:
     the files the splits came from. Empty for the shipped samples and the generated data (fixed by the package
     version, verified against MANIFEST.json), so the keys the smoke notebooks print stay the same."""
     ids = [s.identity for s in splits if s.source not in ("sample", "synthetic") and s.identity is not None]
-    return {"data": hashlib.sha256("/".join(ids).encode()).hexdigest()[:16]} if ids else {}
+    return {"data": runs.digest("/".join(ids).encode(), 16, "sha256")} if ids else {}
 
 
 def files_for(dataset: str, split: str, source: str, data_dir=None, *, cwd=None) -> list[Path] | None:
@@ -229,7 +221,7 @@ def _voc_files(split: str, source: str, data_dir=None, *, cwd=None) -> list[Path
 
 def require(dataset: str, source: str, data_dir=None, *, download: bool = False) -> None:
     """DataNotFoundError now, before any other work, when load(dataset, ..., source=source) would not find the
-    files (a notebook whose data is read late calls this in its setup cell)."""
+    files (a study whose notebook reads its data late calls this from its `require_data`, in the setup cell)."""
     if source == "sample" or download:
         return
     for split in ("train", "test"):
@@ -302,22 +294,17 @@ def _check_idx_set(dataset: str, files: Sequence[Path], *, shown: Sequence[Path]
 
 
 def _decompress(dataset: str, gz: Path, dest: Path) -> None:
-    """gz -> dest through a uniquely named temp file, checked against its idx header, then renamed: two runs
+    """gz -> dest through runs.atomic_path, checked against its idx header before the rename: two runs
     decompressing the same file at once both succeed, and a failed one leaves nothing behind."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
+    with runs.atomic_path(dest) as tmp:
         try:
-            with os.fdopen(fd, "wb") as out, gzip.open(gz, "rb") as src:
+            with open(tmp, "wb") as out, gzip.open(gz, "rb") as src:
                 shutil.copyfileobj(src, out, 1 << 20)
         except EOFError:
             raise DataCorruptError(dataset, gz, "the compressed file ends early (truncated)") from None
         except (gzip.BadGzipFile, zlib.error) as e:
             raise DataCorruptError(dataset, gz, f"not valid gzip: {e}") from None
-        tmp_path = Path(tmp)
-        _check_idx(dataset, tmp_path, tmp_path.stat().st_size, _read_header(tmp_path), shown=gz)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+        _check_idx(dataset, tmp, tmp.stat().st_size, _read_header(tmp), shown=gz)
 
 
 def _idx_root(dataset: str, roots: Sequence[Path]) -> Path | None:
@@ -333,7 +320,7 @@ def _idx_root(dataset: str, roots: Sequence[Path]) -> Path | None:
         return paths[0].parent.parent.parent
     # keyed by what the .gz files hold, not by their folder: a .gz repaired or replaced in place gets a fresh copy
     ident = [(p.name, p.stat().st_size, file_digest(p)) for p in paths]
-    key = hashlib.sha1(json.dumps(ident).encode()).hexdigest()[:12]
+    key = runs.digest(ident, 12)  # lists only: sorting keys changes nothing
     dest_root = cache_dir() / "decompressed" / f"{dataset}-{key}"
     dest = dest_root / folder / "raw"
     dest.mkdir(parents=True, exist_ok=True)

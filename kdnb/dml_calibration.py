@@ -27,7 +27,8 @@ numbers; C-Q7 (crashes, wandb) and the log_freq = 0 crash are fixed; C-Q8 (teach
 numerically irrelevant for the student and not reproduced (the teacher runs under no_grad).
 Validation accuracy during training is the mean of per-batch accuracies (C.4), on `val_size` test images.
 precision: 'fp32' (the source) or 'bf16' (autocast on CPU or CUDA + channels_last for every forward pass; losses,
-metrics and the optimiser stay fp32); `full` defaults to bf16, what it always did on CUDA; never in smoke.
+metrics and the optimiser stay fp32); `reduced` and `full` default to bf16 (reduced: the CPU gain bought a larger configuration;
+full: what it always did on CUDA); never in smoke.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, runs, train, validate
+from . import claims, data, losses, metrics, models, numerics, runs, train, validate
 
 NUM_CLASSES = 10
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530  # the source's single-value Normalize, broadcast to 3 channels
@@ -68,13 +69,16 @@ PROFILES = {
                   epochs=1, teacher_epochs=1, batch_size=8, val_every=None, downscale_sizes=[14], num_students=2,
                   teacher_arch="resnet18", precision="fp32",
                   algorithms=[a for a in ALGORITHMS if a != "dml_e_corrected"]),
-    # real FMNIST, class-balanced 3,000 train (+ 1,000 held out for temperature scaling), the full 10k test set,
-    # 3 epochs at batch 64 (141 steps), validation on 500 test images 3x per epoch: 15-33 min per seed on one shared core.
-    # dml_e_corrected is left out: with dml_e_apply_softmax=False its gradient equals dml_corrected's (KL's
-    # gradient in the student logits is softmax(z) - target, linear in the target; tested)
-    "reduced": dict(_COMMON, seeds=[42], data_source="real", train_per_class=300, holdout_per_class=100,
-                    val_size=500, test_size=None, epochs=3, teacher_epochs=3, batch_size=64, val_every=16, downscale_sizes=[14],
-                    algorithms=[a for a in ALGORITHMS if a != "dml_e_corrected"], precision="fp32"),
+    # real FMNIST, class-balanced 5,000 train (+ 1,000 held out for temperature scaling), the full 10k test set,
+    # 4 epochs at batch 256 (80 steps), validation on 500 test images 3x per epoch, bf16 autocast + channels_last
+    # (issue 16): a ResNet-18 step at batch 256 in bf16 is ~2x the fp32 batch-64 step's images/s on one core
+    # (benchmarks/bench_resnet_precision.py), so 2.2x the images of the fp32 profile it replaced (3,000 x 3 epochs
+    # at batch 64) fit in about the same time, nearer the source's batch 1024. dml_e_corrected is left out: with
+    # dml_e_apply_softmax=False its gradient equals dml_corrected's (KL's gradient in the student logits is
+    # softmax(z) - target, linear in the target; tested)
+    "reduced": dict(_COMMON, seeds=[42], data_source="real", train_per_class=500, holdout_per_class=100,
+                    val_size=500, test_size=None, epochs=4, teacher_epochs=4, batch_size=256, val_every=7, downscale_sizes=[14],
+                    algorithms=[a for a in ALGORITHMS if a != "dml_e_corrected"], precision="bf16"),
     # the source's main.py: all 60k (less 5k held out for temperature scaling; holdout_per_class=0 trains on all
     # 60k and skips it), 10 epochs, batch 1024, validation on the whole test set every 2*log_freq batches. bf16
     # autocast + channels_last (the source computed in fp32): what full runs on CUDA always did before `precision`
@@ -594,7 +598,7 @@ def c1_verdict(results_by_seed: dict, summary, *, after_epoch: float) -> dict:
         if has_e:
             parts["DML ~ DML_e"] = bool(abs(acc_a - acc_e) <= C1_SAME)
         k = sum(parts.values())
-        verdict = "supported" if k == len(parts) else ("not supported" if k == 0 else "mixed")
+        verdict = claims.verdict(k, len(parts))
         out[tag] = {"verdict": verdict, "values": [acc_a, acc_e, base_acc, d, base_drop], "parts": parts}
         lines.append(f"C1 {tag}: {verdict} - {a} {acc_a:.4f}" + (f", {e} {acc_e:.4f}" if has_e else f" ({e} not run)")
                      + f" vs baseline {base_acc:.4f} (final test acc, cohort mean); largest check-to-check drop "
@@ -611,8 +615,7 @@ def c2_verdict(summary) -> dict:
              "smoothed higher entropy": bool(s["entropy"] > u["entropy"]),
              "unsmoothed lower train-batch ECE": bool(u["train_batch_ece_last_epoch"] < s["train_batch_ece_last_epoch"]),
              "unsmoothed higher accuracy": bool(u["final_acc"] > s["final_acc"])}
-    k = sum(parts.values())
-    verdict = "supported" if k == 4 else ("not supported" if k == 0 else "mixed")
+    verdict = claims.verdict(sum(parts.values()), len(parts))
     values = [s["train_batch_ece_last_epoch"], u["train_batch_ece_last_epoch"], s["ece"], u["ece"], s["final_acc"],
               u["final_acc"], s["entropy"], u["entropy"]]
     text = (f"C2: {verdict} - smoothed vs unsmoothed: train-batch ECE {values[0]:.4f} vs {values[1]:.4f}, test ECE "
@@ -631,11 +634,11 @@ def evidence_markdown(profile: str = "reduced", results=None) -> str:
     entropy; then the per-seed figures behind C1, C2, temperature scaling and cross-quality KD."""
     import json
 
-    from . import report, runs
+    from . import profiles, report, runs
 
     root = results or runs.RESULTS
     recs = [r for r in report.load_runs(root) if r["notebook"] == "03_dml_kd_calibration"
-            and r["params"]["profile"] == profile]
+            and profiles.trained_profile(r["params"], "03_dml_kd_calibration", profile)]
     if not recs:
         return f"No committed `{profile}` run of this notebook: nothing to conclude from yet."
     recs.sort(key=lambda r: r["params"]["seeds"])
@@ -674,3 +677,31 @@ def evidence_markdown(profile: str = "reduced", results=None) -> str:
                      f"{t_acc:.3f}; the student's test ECE {col(cq[0], 'ece').mean():.3f}. KD's from-scratch teacher "
                      f"{col('teacher', 'final_acc').mean():.3f} against the baseline's {base.mean():.3f}.")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- attribution (issue 12, kdnb.attribution)
+
+# C1's quirks: the ones that change how a DML cohort trains (C-Q2 changes only DML_e, C-Q5 only cross-quality KD)
+QUIRKS = {"dml_students_stuck_in_eval": (True, False),  # C-Q11
+          "dml_update": ("simultaneous", "alternating"),  # C-Q6
+          "shuffle": (False, True)}  # C-Q9
+# a row needs only the baseline and the DML cohort (4 ResNet-18s, no teacher): about a third of a reduced run
+_C1_RUNS = ["baseline", "dml"]
+ABLATION_STARTS = {"faithful": {**{k: v[0] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS},
+                   "corrected": {**{k: v[1] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS}}
+ATTRIBUTION_PROFILE = "reduced"
+ATTRIBUTION = {"C1": ("dml_minus_baseline", "DML cohort's mean final test accuracy minus the baseline's (points)")}
+
+
+def attribution_samples(claim: str, params: dict, metrics: dict) -> list[dict]:
+    """One sample per seed of a run that trained both the baseline and the `dml` cohort: its quirk flags and the
+    cohort's mean final test accuracy minus the baseline's, in points."""
+    if claim != "C1":
+        return []
+    acc: dict[tuple[str, int], list[float]] = {}
+    for m in metrics.get("members", []):
+        acc.setdefault((m["run"], m["seed"]), []).append(m["final_acc"])
+    flags = {k: runs.param(params, k) for k in QUIRKS}
+    return [{"flags": flags, "protocol": {}, "seed": seed,
+             "value": round(100 * (float(np.mean(acc[("dml", seed)])) - acc[("baseline", seed)][0]), 4)}
+            for (run, seed) in sorted(acc) if run == "baseline" and ("dml", seed) in acc]

@@ -24,7 +24,6 @@ recorded) is what `kdnb sweep` reruns; D-Q5 (Keras vs torch defaults) is this mo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, models, numerics, runs, train, validate
+from . import claims, data, losses, models, numerics, papers, runs, train, validate
 
 NOTEBOOK = "04_emnist_mlp_student"
 DATASETS = ("emnist_letters", "mnist", "fashion_mnist")
@@ -118,6 +117,15 @@ def dataset_label(dataset: str, source: str | None = None) -> str:
     return f"{label}, {extra}" if extra else label
 
 
+def describe(params: dict) -> str:
+    """What the setup cell prints (kdnb.study.setup): the parameters set, and a stand-in says it is one."""
+    from .study import set_values
+
+    label = dataset_label(params["dataset"], params["data_source"])
+    return str(set_values(params)) + (f"\nSTAND-IN: {label}. Nothing below is an EMNIST-letters result or comparable "
+                                      "with the source's numbers." if is_stand_in(params["dataset"]) else "")
+
+
 # ---------------------------------------------------------------- models (Keras layers, torch modules)
 
 
@@ -186,7 +194,7 @@ def load(dataset: str, data_source: str, *, validation: str = "test", holdout_se
 
 
 def images_hash(x: torch.Tensor) -> str:
-    return hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return runs.digest(x.detach().cpu().contiguous().numpy().tobytes(), 16)
 
 
 # ---------------------------------------------------------------- Keras-style training
@@ -265,13 +273,12 @@ def teacher_path(config: dict) -> Path:
 
 def weights_hash(model: nn.Module) -> str:
     """sha256 of the weights themselves (names, shapes, bytes): the key of everything computed from them."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
+    def chunks():
+        for name, t in model.state_dict().items():
+            t = t.detach().cpu().contiguous()
+            yield from (name.encode(), str(tuple(t.shape)).encode(), t.numpy().tobytes())
+
+    return runs.hashes(chunks(), "sha256")["sha256"][:16]
 
 
 def get_teacher(d: Data, config: dict, *, device: str = "cpu", progress: bool = False):
@@ -312,8 +319,7 @@ def cached_logits(teacher: nn.Module, d: Data, teacher_hash: str | None = None) 
     teacher or new images give a new key, so a cache can never answer for another teacher."""
     teacher_hash = teacher_hash or weights_hash(teacher)
     sets = {"train": d.train_x, "val": d.val_x, "test": d.test_x}
-    key = hashlib.sha1(json.dumps({"teacher": teacher_hash, **{k: images_hash(x) for k, x in sets.items()}},
-                                  sort_keys=True).encode()).hexdigest()[:16]
+    key = runs.digest({"teacher": teacher_hash, **{k: images_hash(x) for k, x in sets.items()}}, 16)
     path = cache_folder() / f"logits-{key}.pt"
     if path.is_file():
         saved = torch.load(path, map_location=d.train_x.device, weights_only=True)
@@ -401,10 +407,10 @@ def accuracy_table(result: dict):
 
 # ---------------------------------------------------------------- claims (papers/04_emnist_mlp_student.yaml)
 
-# A claim is recorded only by a run made under the source's conditions (the full protocol of one notebook run:
-# teacher, MLP alone and distilled MLP); smoke runs record none. Stand-in datasets record their own claim ids.
-CLAIM_CONDITIONS = dict(data_source="real", temperature=10.0, lam=0.5, batch_size=256, validation="test",
-                        train_baseline=True)
+# A claim is recorded only by a run made under the source's conditions, the card's `run_with` (the full protocol
+# of one notebook run: teacher, MLP alone and distilled MLP); smoke runs record none. Stand-in datasets record their
+# own claim ids, under the same conditions.
+CLAIM_CONDITIONS = papers.load("04_emnist_mlp_student")["run_with"]
 
 
 def claim_id(base: str, dataset: str) -> str:
@@ -443,7 +449,7 @@ def claim_values(params: dict, result: dict) -> dict:
                                                          f"distilled {np.mean([_pct(kd[s]) for s in both]):.2f} %"]))}
         if stand_in:  # no reported number to compare with: say whether KD helped on every seed
             better = sum(g > 0 for g in gains)
-            entry["verdict"] = "supported" if better == len(gains) else ("mixed" if better else "not supported")
+            entry["verdict"] = claims.verdict(better, len(gains))
         out[claim_id("D3-gain", ds)] = entry
     return {k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in out.items()}
 
@@ -524,7 +530,7 @@ def d4_claim(params: dict, table) -> dict | None:
             f"lam={table.columns[l_best]:g}: {best:.2f} %")
     if is_stand_in(ds):
         note = f"{dataset_label(ds)}: not comparable with EMNIST; " + note
-    return {"values": [round(float(ref - best), 2)], "verdict": "supported" if rank == 1 else "not supported",
+    return {"values": [round(float(ref - best), 2)], "verdict": claims.verdict(int(rank == 1), 1),
             "note": note}
 
 

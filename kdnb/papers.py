@@ -31,3 +31,12 @@ def claim(notebook: str, claim_id: str) -> dict:
 
 def reported(notebook: str, claim_id: str):
     return claim(notebook, claim_id)["reported"]
+
+
+def run_with(notebook: str) -> dict[str, dict]:
+    """{claim id: the run parameters the source reported it under}, from the card (claims as data, issue 14): a
+    claim's own `run_with`, else the card's. A study records a claim only from runs that match it."""
+    card = load(notebook)
+    default = card.get("run_with")
+    return {c["id"]: dict(c.get("run_with", default)) for c in card["claims"]
+            if c.get("run_with", default) is not None}

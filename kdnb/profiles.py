@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import re
 
-from . import validate
+from . import runner, validate
 
 # notebook name -> module holding its PROFILES dict
 STUDY_MODULES = {
@@ -49,6 +49,15 @@ def resolve(notebook: str, **params) -> dict:
     return dict(sorted(out.items()))
 
 
+def trained_profile(params: dict, notebook: str, profile: str, free=("seeds",)) -> bool:
+    """Whether a run record's parameters are `profile`'s configuration as defined today, `free` keys aside: a profile
+    that grew (03's reduced, issue 16) leaves its older records behind under the same name."""
+    from .runs import param
+
+    return params.get("profile") == profile and all(
+        param(params, k) == v for k, v in profiles_of(notebook)[profile].items() if k not in free)
+
+
 # ---------------------------------------------------------------- papermill as a client: the notebook checks itself
 
 # IPython's own names in every kernel's namespace; never parameters
@@ -57,25 +66,21 @@ KERNEL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit"})
 
 def notebook_parameters(notebook: str) -> dict:
     """{name: default} of the notebook's `parameters` cell, in cell order."""
-    from . import cli
-
-    return cli.notebook_parameters(cli.notebook_path(notebook))
+    return runner.notebook_parameters(runner.notebook_path(notebook))
 
 
 def from_namespace(notebook: str, namespace: dict) -> dict:
-    """What a notebook's setup cell calls first, with `globals()`: `resolve` for the parameters as the kernel holds
-    them, after the checks `kdnb run` makes before it starts a kernel. Plain papermill injects values unchecked
+    """What a notebook's setup cell calls first (through kdnb.study.setup), with `globals()`: `resolve` for the
+    parameters as the kernel holds them, after the checks `kdnb run` makes before it starts a kernel. Plain papermill injects values unchecked
     (a misspelt name is only a warning there, YAML reads `1e-3` as a string, `-p` passes lists as strings), so:
     a name that is not a parameter stops here with `kdnb run`'s line; a string given for a parameter that is
     never a string is read as a Python literal (said once); device='cuda' without CUDA stops here."""
-    from . import cli
-
-    path = cli.notebook_path(notebook)
-    defaults = cli.notebook_parameters(path)
-    cli.check_known(path, defaults, _strays(path, defaults, namespace))
+    path = runner.notebook_path(notebook)
+    defaults = runner.notebook_parameters(path)
+    runner.check_known(path, defaults, _strays(path, defaults, namespace))
     given = {k: _read_string(k, namespace[k], path.stem, defaults) for k in defaults if k in namespace}
     namespace.update(given)  # later cells that use a parameter's own name see the converted value
-    resolved = resolve(path.stem, **{k: v for k, v in given.items() if k not in cli.LOCATION_PARAMS})
+    resolved = resolve(path.stem, **{k: v for k, v in given.items() if k not in runner.LOCATION_PARAMS})
     if "device" in resolved:
         validate.device(resolved["device"])
     return resolved
@@ -121,14 +126,12 @@ def _read_string(name: str, value, notebook: str, defaults: dict):
     """`value`, or the literal a string spells when the parameter never takes a string (decided from its notebook
     default and profile values): lr='1e-3' -> 0.001, alphas='[0.5, 0.9]' -> [0.5, 0.9]. A string that spells no
     literal is kept, so that the study's own check rejects it with its one line."""
-    from . import cli
-
     if not isinstance(value, str):
         return value
     kinds = value_kinds(notebook, defaults).get(name, set())
     if not kinds or "str" in kinds:
         return value
-    read = cli.parse_value(value)
+    read = runner.parse_value(value)
     if isinstance(read, str):
         return value
     print(f"{name}={value!r} read as {read!r}")
@@ -144,10 +147,8 @@ def value_kinds(notebook: str, defaults: dict | None = None) -> dict[str, set[st
     """{parameter: the kinds of value it takes ('int', 'float', 'str', 'bool', 'list', 'None')}, from its notebook
     default, every profile's and every variant's value, and the study's PARAMETER_TYPES (for a parameter whose values
     are all None)."""
-    from . import cli
-
     defaults = notebook_parameters(notebook) if defaults is None else defaults
-    extra, sets = {k: "str" for k in cli.LOCATION_PARAMS}, list(profiles_of(notebook).values())
+    extra, sets = {k: "str" for k in runner.LOCATION_PARAMS}, list(profiles_of(notebook).values())
     if notebook in STUDY_MODULES:
         module = importlib.import_module(STUDY_MODULES[notebook])
         extra.update(getattr(module, "PARAMETER_TYPES", {}))
@@ -179,9 +180,7 @@ def parameter_help(notebook: str) -> dict[str, str]:
     | `name` | meaning | smoke | reduced | full |  (a row may name several: | `epochs`, `batch_size` | ...)."""
     import json
 
-    from . import cli
-
-    cells = json.loads(cli.notebook_path(notebook).read_text())["cells"]
+    cells = json.loads(runner.notebook_path(notebook).read_text())["cells"]
     text = next(("".join(c["source"]) for c in cells if c["cell_type"] == "markdown"), "")
     out, in_table = {}, False
     for line in text.splitlines():
@@ -204,10 +203,8 @@ def _one_line_help(text: str) -> str:
 def parameters_cell(notebook: str) -> str:
     """The notebook's parameters cell with a type and a one-line help on every parameter, papermill's
     `name: type = default  # help`; its comment lines stay where they are."""
-    from . import cli
-
-    path = cli.notebook_path(notebook)
-    defaults = cli.notebook_parameters(path)
+    path = runner.notebook_path(notebook)
+    defaults = runner.notebook_parameters(path)
     kinds, helps = value_kinds(path.stem, defaults), parameter_help(path)
     lines = []
     for line in _parameters_source(path).splitlines():

@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import yaml
 
@@ -90,21 +90,29 @@ _HOW_TO_MOVE = {"results folder": "output_dir / --results / KDNB_RESULTS", "kdnb
                 "output_dir": "output_dir", "checkpoints folder": "output_dir"}
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write via a uniquely named temp file in the same folder and a rename: readers see the old file or
-    the new one, never half of one, even when two processes write the same path at once."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """A temp path beside `path` for the block to write; renamed over `path` when the block ends, removed when it
+    raises. Readers see the old file or the new one, never half of one; the temp name is unique, so two processes
+    writing the same path at once never write into one file (the last rename wins, whole). Every writer of the
+    package goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: the file is as readable as one written plainly
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -138,17 +146,34 @@ def atomic_write_yaml(path, obj) -> Path:
 
 
 def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """A matplotlib figure as PNG, written to a temp file beside the target and renamed over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
+    """A matplotlib figure as PNG (format given: the temp file's name does not end in .png)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
+
+
+def digest(data, n: int | None = None, algo: str = "sha1", *, default=None) -> str:
+    """The first `n` hex digits (all of them: None) of `algo` over bytes as they are, or over anything else as JSON
+    with sorted keys (`default` as json.dumps takes it). Run ids and cache keys are spelt with it: committed results/
+    folders and cached teachers are named by its output, so not one byte of it may change (tests/test_digests.py)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = json.dumps(data, sort_keys=True, default=default).encode()
+    return hashes([data], algo)[algo][:n]
+
+
+def hashes(chunks: Iterable[bytes], *algos: str) -> dict[str, str]:
+    """{algo: full hex digest} of the bytes `chunks` yields, every algorithm in one pass (a large file is read once)."""
+    hs = {a: hashlib.new(a) for a in algos}
+    for chunk in chunks:
+        for h in hs.values():
+            h.update(chunk)
+    return {a: h.hexdigest() for a, h in hs.items()}
+
+
+def file_hashes(path: str | os.PathLike, *algos: str) -> dict[str, str]:
+    """hashes() of a file's bytes, read in 1 MiB chunks (a dataset file need not fit in memory twice)."""
+    with open(path, "rb") as f:
+        return hashes(iter(lambda: f.read(1 << 20), b""), *algos)
 
 
 def run_id(params: dict) -> str:
@@ -156,8 +181,7 @@ def run_id(params: dict) -> str:
     which is what makes a finished run skippable and an interrupted one resumable."""
     keyed = {k: v for k, v in params.items()
              if k not in NOT_IN_RUN_ID and not (k in ADDED_LATER and v == ADDED_LATER[k])}
-    digest = hashlib.sha1(json.dumps(_jsonable(keyed), sort_keys=True).encode()).hexdigest()[:10]
-    return f"{params.get('profile', 'run')}-{digest}"
+    return f"{params.get('profile', 'run')}-{digest(_jsonable(keyed), 10)}"
 
 
 def newest_first(records: list[dict]) -> list[dict]:
@@ -184,7 +208,7 @@ LOCK = REPO / "requirements.lock"
 
 def lock_hash() -> str | None:
     """sha256 (first 16 hex digits) of the pinned environment the run was installed from, if this is a checkout."""
-    return hashlib.sha256(LOCK.read_bytes()).hexdigest()[:16] if LOCK.is_file() else None
+    return digest(LOCK.read_bytes(), 16, "sha256") if LOCK.is_file() else None
 
 
 def environment(device: str = "cpu") -> dict:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -38,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .runs import atomic_write_bytes
+from .runs import atomic_write_bytes, digest, file_hashes
 
 __all__ = [
     "SAMPLE_NAMES",
@@ -115,12 +114,7 @@ _SPECS = {
 # small helpers
 # --------------------------------------------------------------------------------------------------
 def _hash_file(path: Path) -> dict:
-    md5, sha = hashlib.md5(), hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            md5.update(chunk)
-            sha.update(chunk)
-    return {"md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+    return file_hashes(path, "md5", "sha256")
 
 
 def _sha256(path: Path) -> str:
@@ -301,7 +295,7 @@ def build(source_root: str | os.PathLike | None = None,
         outputs[spec["file"]] = data
         manifest["samples"][name] = {
             "file": spec["file"],
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "sha256": digest(data, algo="sha256"),
             "bytes": len(data),
             "shapes": {k: list(v.shape) for k, v in arrays.items()},
             "dtypes": {k: str(v.dtype) for k, v in arrays.items()},

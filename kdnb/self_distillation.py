@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import data, losses, models, numerics, train, validate
+from . import claims, data, losses, models, numerics, train, validate
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 VARIANTS = {
@@ -44,6 +44,11 @@ PROFILES = {
                  epochs=75, batch_size=16, lr=1e-4, reg_coef=1e-4, variants=["faithful", "corrected"],
                  precision="fp32"),
 }
+
+
+def require_data(params: dict, data_dir) -> None:
+    """Missing CIFAR-10 stops the setup cell: the exact kernel cells run before the ResNet part reads it."""
+    data.require("cifar10", params["data_source"], data_dir, download=params["download"])
 
 
 def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, variants, arch, alphas=None,
@@ -225,7 +230,7 @@ def e4_verdict(acc, *, profile: str) -> dict:
         verdict, note = None, "no alpha in (0, 1) was run"
     else:
         ok = [k for k, v in supported.items() if v]
-        verdict = "supported" if len(ok) == len(supported) else ("mixed" if ok else "not supported")
+        verdict = claims.verdict(len(ok), len(supported))
         note = f"{profile} profile; " + "; ".join(lines)
     return {"verdict": verdict, "note": note, "values": values,
             "text": "\n".join(lines) + (f"\nE4 verdict ({profile}): {verdict or 'none'}" + (f" - {note}" if verdict is None else ""))}

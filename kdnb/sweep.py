@@ -10,7 +10,7 @@ brackets: `sd_alphas=[0.0,0.6],[0.6]` is two points, `[0.0, 0.6]` and `[0.6]`; `
 has a `seed` parameter and no `seeds`).
 
 Everything is checked before any trial starts: grid syntax, every parameter name against the notebook's
-`parameters` cell, and each trial's resolved parameters (`kdnb.cli.plan`). A trial is the `kdnb run` of its
+`parameters` cell, and each trial's resolved parameters (`kdnb.runner.plan`). A trial is the `kdnb run` of its
 parameters, so it lands in `results/<notebook>/<run-id>/` (run id = hash of the resolved parameters): a
 finished trial is skipped ('cached'), a failed or killed one is retried and resumes from its checkpoints in
 the same folder, and its record (run.json, written atomically by the notebook) exists once.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 
-from . import cli, numerics, runs, validate
+from . import numerics, runner, runs, validate
 
 BACKENDS = ("local", "ray")
 # files of a finished run that travel back to the driver when a Ray worker ran on another machine
@@ -91,7 +91,7 @@ def parse_grid(specs) -> dict[str, list]:
             raise ValueError(f"--grid {spec!r}: {e} in the values of {name!r}") from None
         if any(not t for t in texts):
             raise ValueError(f"--grid {spec!r}: empty value in the values of {name!r}")
-        parsed = [cli.parse_value(t) for t in texts]
+        parsed = [runner.parse_value(t) for t in texts]
         if len({json.dumps(v, sort_keys=True, default=repr) for v in parsed}) != len(parsed):
             raise ValueError(f"--grid {spec!r}: a value of {name!r} repeats")
         grid[name] = parsed
@@ -137,11 +137,11 @@ def _short(v) -> str:
 
 def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
          results: Path | None = None, points: list[dict] | None = None) -> list[Trial]:
-    """Every trial, checked and resolved with kdnb.cli.plan before any of them starts. `points` (a list of
+    """Every trial, checked and resolved with kdnb.runner.plan before any of them starts. `points` (a list of
     parameter dicts, e.g. the ablation's) replaces the grid's product."""
     fixed = dict(fixed or {})
-    path = cli.notebook_path(notebook)
-    names = cli.notebook_parameters(path)
+    path = runner.notebook_path(notebook)
+    names = runner.notebook_parameters(path)
     if points is not None and grid:
         raise ValueError("--ablate makes its own trials (one quirk flag at a time); it cannot take --grid too")
     for name in list(grid) + list(fixed) + [k for p in points or [] for k in p]:  # the first unknown name, before any expansion
@@ -151,7 +151,7 @@ def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
     both = sorted((set(grid) | {k for p in points or [] for k in p}) & set(fixed))
     if both:
         raise ValueError(f"parameter {both[0]!r} is given both as a grid axis (or by --ablate) and as a fixed value")
-    for name in cli.LOCATION_PARAMS:
+    for name in runner.LOCATION_PARAMS:
         if name in grid:
             raise ValueError(f"parameter {name!r} says where things are, it cannot be a grid axis")
     seed_key = None
@@ -167,7 +167,7 @@ def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
             given = {**fixed, **point}
             if seed is not None:
                 given[seed_key] = [seed] if seed_key == "seeds" else seed
-            _, given, resolved, out = cli.plan(str(path), given, results)
+            _, given, resolved, out = runner.plan(str(path), given, results)
             t = Trial(point=point, seed=seed, given=given, resolved=resolved, out=out)
             if out in seen:
                 raise ValueError(f"trials {seen[out].label()!r} and {t.label()!r} resolve to the same parameters "
@@ -188,7 +188,7 @@ def execute(notebook: str, given: dict, results: str | None, driver_host: str | 
     buf = io.StringIO()
     start = time.time()
     with contextlib.redirect_stdout(buf):
-        out = cli.run(notebook, given, results=Path(results) if results else None, progress_bar=False)
+        out = runner.run(notebook, given, results=Path(results) if results else None, progress_bar=False)
     record = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     result = {"out": str(out), "record": record, "seconds": round(time.time() - start, 1),
               "host": socket.gethostname(), "pid": os.getpid(), "log": buf.getvalue()}
@@ -224,7 +224,7 @@ def _finish(trial: Trial, result: dict) -> None:
 def _done_line(t: Trial) -> str:
     """Where the trial's record is: the driver's folder, and the worker's own when the record was copied from it
     (its checkpoints stay there); never a folder the driver did not create."""
-    line = f"done {t.label()} ({t.seconds:.0f} s) -> {cli._show(t.out)}"
+    line = f"done {t.label()} ({t.seconds:.0f} s) -> {runner.show(t.out)}"
     if t.meta.get("copied"):
         line += f" (copied from {t.meta['where']}; its checkpoints stay there)"
     elif not (t.out / "run.json").is_file() and t.meta.get("where"):
@@ -571,7 +571,7 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     if ablate:
         from . import attribution
 
-        name = cli.notebook_path(notebook).stem
+        name = runner.notebook_path(notebook).stem
         ablation_rows = attribution.points(name)  # a study without quirk flags: one line naming those that have them
         study = attribution.study(name)
         fixed = {"profile": study.ATTRIBUTION_PROFILE, **(fixed or {})}
@@ -592,7 +592,7 @@ def sweep(notebook: str, grid=None, *, seeds=None, fixed: dict | None = None, ba
     nb_arg = notebook if Path(notebook).suffix != ".ipynb" else str(Path(notebook).resolve())
     res_arg = str(results) if results is not None else None
     cached = len(trials) - len(todo)
-    echo(f"sweep {cli.notebook_path(notebook).name}: {len(trials)} trials "
+    echo(f"sweep {runner.notebook_path(notebook).name}: {len(trials)} trials "
          f"({len(trials) // max(1, len(seeds or [None]))} {'ablation runs' if ablate else 'combinations'} "
          f"x {len(seeds or [None])} seeds), "
          f"{cached} finished already, {len(todo)} to run on {backend}")

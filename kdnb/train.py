@@ -8,12 +8,9 @@ finished epoch (losing at most one epoch) and a finished fit returns at once.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import validate
+from . import runs, validate
 from .data import TensorLoader
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "adadelta")
@@ -67,16 +64,9 @@ class FitResult:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save through a uniquely named temp file and a rename (two runs may write the same cache file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """torch.save through runs.atomic_path (two runs may write the same cache file)."""
+    with runs.atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fit(model: nn.Module, loader: TensorLoader, loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -263,7 +253,7 @@ class KerasReduceLROnPlateau:
 
 def config_hash(obj) -> str:
     """Short stable hash of a JSON-able configuration (names cached teachers and checkpoints)."""
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return runs.digest(obj, 12, default=str)
 
 
 @torch.no_grad()

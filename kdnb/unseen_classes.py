@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, runs, train, validate
+from . import claims, data, losses, metrics, models, numerics, papers, runs, train, validate
 
 NUM_CLASSES = 10
 VARIANTS = {
@@ -149,6 +149,14 @@ def cells(params: dict) -> list[dict]:
 
 def cell_name(cell: dict) -> str:
     return f"T={cell['temperature']:g} w={cell['soft_weight']:g} lr={cell['lr']:g}"
+
+
+def describe(params: dict) -> str:
+    """What the setup cell prints (kdnb.study.setup): the parameters set, each variant's flags, the configurations."""
+    from .study import set_values
+
+    return "\n".join([str(set_values(params))] + [f"{v:>9}: {variant_flags(v, params)}" for v in params["variants"]]
+                     + [f"configurations: {[cell_name(c) for c in cells(params)]}"])
 
 
 def unseen_classes(kept_classes) -> list[int]:
@@ -671,25 +679,10 @@ def formatted_table(rows: list[dict], kept_classes, key: str = "per_class"):
     return out
 
 
-# Claim id -> the run parameters under which the source reported it (papers/01_mnist_unseen_classes.yaml).
-# A claim is recorded only from students whose parameters, and all quirk flags, match.
-_SOURCE_DEC11 = dict(student="mlp", epochs=70, batch_size=32, select="best_val", es_patience=15, data_source="real",
-                     lr_schedule="plateau")
-_GRID = dict(_SOURCE_DEC11, kept_classes=_TABLE1, soft_weight=0.9)
-CLAIM_CONDITIONS = {
-    "A1": dict(_GRID, temperature=10.0, lr=0.01),
-    "A2-kd": dict(_SOURCE_DEC11, kept_classes=_ALL, temperature=2.5, soft_weight=0.9, lr=0.01),
-    "A2-ce": dict(_SOURCE_DEC11, kept_classes=_ALL, soft_weight=0.0, lr=0.01),  # T is irrelevant without soft term
-    "A3-lr0.01-T20": dict(_GRID, temperature=20.0, lr=0.01),
-    "A3-lr0.01-T15": dict(_GRID, temperature=15.0, lr=0.01),
-    "A3-lr0.01-T10": dict(_GRID, temperature=10.0, lr=0.01),
-    "A3-lr0.01-T5": dict(_GRID, temperature=5.0, lr=0.01),
-    "A3-lr0.01-T2.5": dict(_GRID, temperature=2.5, lr=0.01),
-    "A3-lr0.001-T20": dict(_GRID, temperature=20.0, lr=0.001),
-    "A3-lr0.001-T2.5": dict(_GRID, temperature=2.5, lr=0.001),
-    "A4": dict(student="linear", epochs=70, batch_size=32, select="final", es_patience=6, data_source="real",
-               lr_schedule="plateau", kept_classes=_TABLE1, temperature=2.5, soft_weight=0.9, lr=0.01),
-}
+# Claim id -> the run parameters under which the source reported it: the card's `run_with`
+# (papers/01_mnist_unseen_classes.yaml). A claim is recorded only from students whose parameters, and all quirk
+# flags, match.
+CLAIM_CONDITIONS = papers.run_with("01_mnist_unseen_classes")
 # The table-1 cell speaks to both A1 and A3-lr0.01-T10. Runs that repeat a seed (the 3-seed table-1 run and
 # the grid's seed 0) are counted once per seed by `kdnb report`, so no run needs to hold a claim back.
 MEAN_CLAIMS = ("A2-kd", "A2-ce")  # value per seed: the mean of the 10 per-class accuracies; others: digits 6-9
@@ -741,7 +734,7 @@ def a2_verdict(params: dict, rows: list[dict]) -> dict | None:
     seeds = [s for s in kd if s in ce]
     diffs = [round(kd[s] - ce[s], 2) for s in seeds]
     better = sum(d > 0 for d in diffs)
-    verdict = "supported" if better == len(diffs) else ("mixed" if better else "not supported")
+    verdict = claims.verdict(better, len(diffs))
     return {"values": diffs, "seeds": seeds, "verdict": verdict,
             "note": f"KD {np.mean(list(kd.values())):.2f} vs CE {np.mean(list(ce.values())):.2f} "
                     f"(mean per-class accuracy, %); values: KD - CE per seed"}

@@ -80,6 +80,28 @@ PROFILES = {
 }
 
 
+def precision_mode(params: dict, device: str) -> tuple[bool, bool]:
+    """(bf16 autocast, channels_last) of the run: both on CUDA unless `bf16` says otherwise. On CUDA it also allows
+    TF32 matmuls, what the source's GPU run did by default."""
+    if str(device).startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return _precision(params, device)
+
+
+def _precision(params: dict, device: str) -> tuple[bool, bool]:
+    cuda = str(device).startswith("cuda")
+    return (cuda if params["bf16"] is None else params["bf16"]), cuda
+
+
+def describe(params: dict) -> str:
+    """What the setup cell prints (kdnb.study.setup): the parameters set and the precision the device gets."""
+    from .study import set_values
+
+    bf16, channels_last = _precision(params, validate.device(params["device"]))
+    return f"{set_values(params)}\nbf16 autocast: {bf16}, channels_last: {channels_last}"
+
+
 def check(*, data_source, image_size, epochs, batch_size, test_batch_size, lr, weight_decay, temperature,
           alpha_response, alpha_feature, es_patience, plateau_patience, holdout, variants, students, num_workers,
           latency_iters, bf16=None, **_):
@@ -684,3 +706,42 @@ def gains_table(results: list[dict]):
                              "minus_plain": d[s] - d["plain"] if "plain" in d else math.nan,
                              "minus_control": d[s] - d["control"] if "control" in d else math.nan})
     return pd.DataFrame(rows)
+
+
+def run_students(teacher, voc_train, voc_val, params: dict, *, device: str, bf16: bool, channels_last: bool,
+                 checkpoint=lambda name: None, keep: int = 0) -> tuple[list[dict], dict]:
+    """Every (seed, variant, student) of a run, trained with its script's recipe; its selected (best) checkpoint is
+    tested on VOC val. Returns one result row each and, for the first seed, the first `keep` predictions of each
+    (variant, student)."""
+    results, shown = [], {}
+    for seed in params["seeds"]:
+        for variant in params["variants"]:
+            train_split, select_split = split_for(variant, voc_train, voc_val, holdout=params["holdout"], seed=seed)
+            for student in params["students"]:
+                name = f"{variant}-{student}-seed{seed}"
+                model, info = train_student(
+                    student, train_split, select_split, seed=seed, teacher=teacher, epochs=params["epochs"],
+                    batch_size=params["batch_size"], lr=params["lr"], weight_decay=params["weight_decay"],
+                    temperature=params["temperature"], alpha_response=params["alpha_response"],
+                    alpha_feature=params["alpha_feature"], kd_reduction=VARIANTS[variant]["kd_reduction"],
+                    es_patience=params["es_patience"], plateau_patience=params["plateau_patience"],
+                    test_batch_size=params["test_batch_size"], device=device, bf16=bf16, channels_last=channels_last,
+                    checkpoint=checkpoint(name), desc=name)
+                ev = evaluate(model, voc_val, batch_size=params["test_batch_size"], device=device, bf16=bf16,
+                              channels_last=channels_last, keep=keep)
+                if seed == params["seeds"][0]:
+                    shown[(variant, student)] = ev["preds"]
+                results.append({"variant": variant, "student": student, "seed": seed, "train_images": len(train_split),
+                                "select_images": len(select_split), "test": test_row(ev), **info})
+                del model
+    return results, shown
+
+
+def results_table(results: list[dict]):
+    """One line per trained student: epochs, selection, test mIoU (void ignored and void as class 20), pixel acc."""
+    import pandas as pd
+
+    return pd.DataFrame([{"variant": r["variant"], "student": r["student"], "seed": r["seed"], "epochs": r["epochs_run"],
+                          "best_epoch": r["best_epoch"], "selected_on": r["monitor"], "mIoU": r["test"]["miou"],
+                          "mIoU_void20": r["test"]["miou_void20"], "pixel_acc": r["test"]["pixel_acc"]}
+                         for r in results])

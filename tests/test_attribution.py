@@ -142,7 +142,7 @@ def test_sweep_ablate_plans_every_row_times_every_seed(tmp_path):
 
 
 def test_ablate_on_a_study_without_quirks_is_one_line(capsys):
-    assert cli.main(["sweep", "03_dml_kd_calibration", "--ablate", "--seeds", "0", "--no-progress"]) == 2
+    assert cli.main(["sweep", "02_voc_segmentation_kd", "--ablate", "--seeds", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "declares no quirk flags to ablate" in err and "01_mnist_unseen_classes" in err
 
@@ -237,3 +237,27 @@ def test_05_declares_its_two_flags_and_reads_records_made_before_they_were_param
     with pytest.raises(ValueError, match="shuffle='yes'"):
         sd.check(**dict(params, shuffle="yes"))
     assert sd.variant_flags("corrected", dict(params, shuffle=False)) == {"teacher_bn_train_mode": False, "shuffle": False}
+
+
+def test_03_attributes_c1_to_its_three_dml_flags(tmp_path):
+    from kdnb import dml_calibration as dc
+
+    pts = attribution.points("03_dml_kd_calibration")
+    assert [c for s, c, _ in pts] == ["none", "dml_students_stuck_in_eval=False", "dml_update=alternating",
+                                      "shuffle=True", "none", "dml_students_stuck_in_eval=True",
+                                      "dml_update=simultaneous", "shuffle=False"]
+    assert all(p["algorithms"] == ["baseline", "dml"] for _, _, p in pts)  # no teacher, no other run
+    params = dict(dc.PROFILES["reduced"], profile="reduced", seeds=[7], shuffle=True)
+    members = [{"run": "dml", "seed": 7, "final_acc": a} for a in (0.70, 0.72, 0.74)] + \
+              [{"run": "baseline", "seed": 7, "final_acc": 0.80}, {"run": "kd", "seed": 7, "final_acc": 0.9}]
+    got = dc.attribution_samples("C1", params, {"members": members})
+    assert got == [{"flags": {"dml_students_stuck_in_eval": True, "dml_update": "simultaneous", "shuffle": True},
+                    "protocol": {}, "seed": 7, "value": -8.0}]  # mean(0.70, 0.72, 0.74) - 0.80 = -0.08
+    assert attribution.classify(dc, got[0]) == [("faithful", "shuffle=True")]
+    assert dc.attribution_samples("C1", params, {"members": members[:3]}) == []  # no baseline: no sample
+    assert attribution.same_configuration("03_dml_kd_calibration", dict(params, algorithms=["baseline", "dml"]))
+    old = dict(params, train_per_class=300, epochs=3, teacher_epochs=3, batch_size=64, val_every=16)
+    del old["precision"]  # a record of the fp32 profile reduced had before it grew
+    assert not attribution.same_configuration("03_dml_kd_calibration", old)
+    trials = sweep.plan("03_dml_kd_calibration", {}, seeds=[42, 43, 44], results=tmp_path, points=[p for *_, p in pts])
+    assert len(trials) == 24

@@ -125,11 +125,11 @@ def test_bad_parts_is_one_line(capsys):
 
 
 def test_notebook_parameters_without_papermill_matches_papermill():
-    from kdnb import cli
+    from kdnb import runner
 
     for nb in ge.NOTEBOOKS:
         path = REPO / "notebooks" / f"{nb}.ipynb"
-        assert ge.notebook_parameters(path) == cli.notebook_parameters(path)
+        assert ge.notebook_parameters(path) == runner.notebook_parameters(path)
 
 
 @pytest.mark.slow

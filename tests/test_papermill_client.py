@@ -6,7 +6,7 @@ import types
 import papermill
 import pytest
 
-from kdnb import cli, profiles
+from kdnb import profiles, runner
 
 NOTEBOOKS = sorted(profiles.STUDY_MODULES)
 
@@ -31,7 +31,7 @@ def test_the_setup_cell_can_be_rerun_after_later_cells():
     ns = kernel_namespace(nb, params={}, run=object(), card={}, mnist=types.SimpleNamespace())  # later cells bind these
     assert profiles.from_namespace(nb, ns) == profiles.resolve(nb, **{k: v for k, v in kernel_namespace(nb).items()
                                                                      if k in profiles.notebook_parameters(nb)
-                                                                     and k not in cli.LOCATION_PARAMS})
+                                                                     and k not in runner.LOCATION_PARAMS})
 
 
 def test_strings_for_numeric_and_list_parameters_are_read_once(capsys):
@@ -56,7 +56,7 @@ def test_cuda_on_a_machine_without_it_stops_in_the_setup_cell(monkeypatch):
 
 
 def _with_cell(notebook: str, source: str, tmp_path):
-    path = cli.notebook_path(notebook)
+    path = runner.notebook_path(notebook)
     nb = json.loads(path.read_text())
     cell = next(c for c in nb["cells"] if "parameters" in (c.get("metadata", {}).get("tags") or []))
     cell["source"] = source.splitlines(keepends=True)
@@ -71,7 +71,7 @@ def test_generated_parameters_cell_is_what_papermill_reads(notebook, tmp_path):
     source = profiles.parameters_cell(notebook)
     exec(compile(source, "parameters", "exec"), {})
     generated = _with_cell(notebook, source, tmp_path)
-    assert cli.notebook_parameters(generated) == profiles.notebook_parameters(notebook)
+    assert runner.notebook_parameters(generated) == profiles.notebook_parameters(notebook)
     found = papermill.inspect_notebook(str(generated))
     assert [k for k, v in found.items() if v["inferred_type_name"] == "None" or not v["help"]] == []
 
@@ -79,7 +79,7 @@ def test_generated_parameters_cell_is_what_papermill_reads(notebook, tmp_path):
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
 def test_parameters_cell_is_the_generated_one(notebook):
     """Regenerate with `python -m kdnb.profiles parameters-cell NOTEBOOK` and paste it into the parameters cell."""
-    path = cli.notebook_path(notebook)
+    path = runner.notebook_path(notebook)
     assert profiles._parameters_source(path).rstrip("\n") == profiles.parameters_cell(notebook), (
         f"{path.name}: parameters cell is not the generated one; paste `python -m kdnb.profiles parameters-cell "
         f"{notebook}`")

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from kdnb import cli, numerics, profiles, runs, sweep
+from kdnb import numerics, profiles, runner, runs, sweep
 from kdnb import dml_calibration as dc
 from kdnb import self_distillation as sd
 
@@ -68,7 +68,7 @@ def _probe_notebook(path: Path) -> Path:
 def test_kdnb_run_and_sweep_children_get_the_policy(tmp_path, monkeypatch):
     nb = _probe_notebook(tmp_path / "probe.ipynb")
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    out = cli.run(str(nb), {"x": 1}, results=tmp_path / "r1", progress_bar=False)
+    out = runner.run(str(nb), {"x": 1}, results=tmp_path / "r1", progress_bar=False)
     assert json.loads((out / "policy.json").read_text())["kernel"] == "PASSIVE"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"  # set in kdnb run's own environment, inherited by the kernel
 
@@ -88,7 +88,7 @@ STUDIES = ("03_dml_kd_calibration", "05_self_distillation")
 
 @pytest.mark.parametrize("nb", STUDIES)
 def test_precision_defaults_and_checks(nb):
-    expected = {"03_dml_kd_calibration": {"smoke": "fp32", "reduced": "fp32", "full": "bf16"},
+    expected = {"03_dml_kd_calibration": {"smoke": "fp32", "reduced": "bf16", "full": "bf16"},
                 "05_self_distillation": {"smoke": "fp32", "reduced": "fp32", "full": "fp32"}}[nb]
     assert {p: profiles.resolve(nb, profile=p)["precision"] for p in expected} == expected
     reduced = profiles.resolve(nb, profile="reduced", precision="bf16")
@@ -107,8 +107,11 @@ def test_committed_run_ids_stay_valid_and_bf16_changes_the_id(nb):
         pytest.skip(f"no committed records of {nb}")
     for f in records:
         old = yaml.safe_load(f.read_text())
-        assert "precision" not in old  # made before the parameter existed
-        now = profiles.resolve(nb, **old)  # today's defaults add precision='fp32'
+        if "precision" in old:  # made since the parameter exists: its value is in the id
+            assert runs.run_id(old) == f.parent.name
+            continue
+        # made before it existed, in fp32: resolved today with that value (03's reduced default is bf16 now)
+        now = profiles.resolve(nb, **dict(old, precision=runs.param(old, "precision")))
         assert now["precision"] == "fp32" and runs.run_id(old) == runs.run_id(now) == f.parent.name
         assert runs.run_id(dict(now, precision="bf16")) != f.parent.name
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdnb import cli, data, report, runs, samples, train, validate
+from kdnb import cli, data, report, runner, runs, samples, train, validate
 from kdnb import unseen_classes as uc
 
 MNIST_FILES = data._IDX["mnist"][1]
@@ -218,18 +218,18 @@ def test_kdnb_run_does_not_return_a_record_made_from_other_data(tmp_path, monkey
     calls = []
     _fake_papermill(monkeypatch, calls)
     res = tmp_path / "results"
-    out = cli.run("05_self_distillation", {"data_dir": str(bad)}, results=res)
+    out = runner.run("05_self_distillation", {"data_dir": str(bad)}, results=res)
     assert len(calls) == 1
     # same run id (data_dir is not in it), other data: run again instead of "already finished"
-    assert cli.run("05_self_distillation", {"data_dir": str(good)}, results=res) == out
+    assert runner.run("05_self_distillation", {"data_dir": str(good)}, results=res) == out
     assert len(calls) == 2 and "other data" in capsys.readouterr().out
     # same data again: the record stands
-    cli.run("05_self_distillation", {"data_dir": str(good)}, results=res)
+    runner.run("05_self_distillation", {"data_dir": str(good)}, results=res)
     assert len(calls) == 2 and "already finished" in capsys.readouterr().out
     # the same data in another folder is the same data
     moved = tmp_path / "moved"
     shutil.copytree(good, moved)
-    cli.run("05_self_distillation", {"data_dir": str(moved)}, results=res)
+    runner.run("05_self_distillation", {"data_dir": str(moved)}, results=res)
     assert len(calls) == 2
 
 
@@ -240,14 +240,14 @@ def test_record_without_its_saved_notebook_is_run_again(tmp_path, monkeypatch, c
     """Killed after the notebook wrote run.json but before papermill saved the last cell: not 'finished'."""
     calls = []
     _fake_papermill(monkeypatch, calls)
-    _, _, _, out = cli.plan("05_self_distillation", {}, tmp_path)
+    _, _, _, out = runner.plan("05_self_distillation", {}, tmp_path)
     out.mkdir(parents=True)
     (out / "run.json").write_text("{}")
     running = {"cells": [{"cell_type": "code", "metadata": {"papermill": {"status": "running"}}, "source": ""}]}
     (out / "notebook.partial.ipynb").write_text(json.dumps(running))
     monkeypatch.setenv("KDNB_DATA", str(_raw(tmp_path)))
-    cli.run("05_self_distillation", {}, results=tmp_path)
-    assert len(calls) == 1 and cli.notebook_complete(out / "notebook.ipynb")
+    runner.run("05_self_distillation", {}, results=tmp_path)
+    assert len(calls) == 1 and runner.notebook_complete(out / "notebook.ipynb")
     assert "not saved" in capsys.readouterr().out
 
 
@@ -273,7 +273,7 @@ def test_record_without_its_saved_notebook_is_run_again(tmp_path, monkeypatch, c
 ])
 def test_bad_values_are_named_before_anything_runs(notebook, params, named):
     with pytest.raises(ValueError, match=named.replace("[", r"\[").replace(".", r"\.")):
-        cli.plan(notebook, params)
+        runner.plan(notebook, params)
 
 
 def test_download_must_be_a_real_bool_for_the_loader_too():
@@ -375,10 +375,10 @@ def test_finished_record_with_another_thread_count_is_said(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"environment": {"cpu_threads": 999}}))
-    assert "999 intra-op threads" in cli.threads_note(out, {"profile": "reduced", "device": "cpu"})
+    assert "999 intra-op threads" in runner.threads_note(out, {"profile": "reduced", "device": "cpu"})
     # smoke on CPU always runs on one thread (kdnb.numerics): a record made with one is not flagged
     (out / "run.json").write_text(json.dumps({"environment": {"cpu_threads": 1}}))
-    assert cli.threads_note(out, {"profile": "smoke", "device": "cpu"}) is None
+    assert runner.threads_note(out, {"profile": "smoke", "device": "cpu"}) is None
 
 
 def test_missing_data_can_be_found_before_any_work(tmp_path, monkeypatch):

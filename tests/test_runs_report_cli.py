@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kdnb import cli, papers, report, runs
+from kdnb import cli, papers, report, runner, runs
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
@@ -20,6 +20,20 @@ def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
         runs.atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_atomic_path_gives_each_writer_its_own_temp_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    with runs.atomic_path(target) as a, runs.atomic_path(target) as b:
+        assert a != b and a.parent == b.parent == tmp_path
+        a.write_bytes(b"a")
+        b.write_bytes(b"b")
+    assert target.read_bytes() == b"a"  # b is renamed first (inner block), a last: the last rename wins, whole
+    with pytest.raises(RuntimeError):
+        with runs.atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError
+    assert target.read_bytes() == b"a" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
 def test_run_id_is_a_hash_of_what_is_computed():
@@ -82,12 +96,12 @@ def test_cli_rejects_unknown_parameter_before_running(tmp_path, capsys):
 
 
 def test_cli_plan_resolves_like_the_notebook():
-    path, given, resolved, out = cli.plan("05_self_distillation", {"profile": "reduced", "epochs": 3})
+    path, given, resolved, out = runner.plan("05_self_distillation", {"profile": "reduced", "epochs": 3})
     assert resolved["epochs"] == 3 and resolved["arch"] == "resnet18" and resolved["sd_alphas"] == [0.0, 0.6]
     assert out.parent.name == "05_self_distillation" and out.name == runs.run_id(resolved)
     assert "output_dir" not in resolved and "data_dir" not in resolved
-    assert cli.parse_value("[0.0, 0.6]") == [0.0, 0.6] and cli.parse_value("1e-3") == 1e-3
-    assert cli.parse_value("resnet50") == "resnet50" and cli.parse_value("None") is None
+    assert runner.parse_value("[0.0, 0.6]") == [0.0, 0.6] and runner.parse_value("1e-3") == 1e-3
+    assert runner.parse_value("resnet50") == "resnet50" and runner.parse_value("None") is None
 
 
 def test_committed_run_records_match_their_folder():
@@ -143,12 +157,12 @@ def test_cli_cuda_without_cuda(monkeypatch, capsys):
 
 def test_finished_run_killed_before_rename_keeps_its_notebook(tmp_path, capsys):
     """Killed after papermill saved the finished notebook but before the rename: the notebook is kept."""
-    _, _, resolved, out = cli.plan("05_self_distillation", {}, tmp_path)
+    _, _, resolved, out = runner.plan("05_self_distillation", {}, tmp_path)
     out.mkdir(parents=True)
     (out / "run.json").write_text("{}")
     done = {"cells": [{"cell_type": "code", "metadata": {"papermill": {"status": "completed"}}, "source": ""}]}
     (out / "notebook.partial.ipynb").write_text(json.dumps(done))
-    assert cli.run("05_self_distillation", {}, results=tmp_path) == out
+    assert runner.run("05_self_distillation", {}, results=tmp_path) == out
     assert (out / "notebook.ipynb").is_file() and not (out / "notebook.partial.ipynb").exists()
     assert "already finished" in capsys.readouterr().out
 

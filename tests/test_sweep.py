@@ -16,7 +16,7 @@ import nbformat
 import pytest
 import yaml
 
-from kdnb import cli, sweep
+from kdnb import cli, runs, sweep
 
 PARAMETERS = '''profile = "smoke"
 seeds = None
@@ -224,7 +224,7 @@ def test_grid_on_ray(finished_sweep, tiny):
     for t in sweep.plan(str(tiny), {"x": [1, 2], "y": [3, 4]}, seeds=[0, 1],
                         fixed={"fail_once_marker": str(marker)}, results=results):
         assert yaml.safe_load((t.out / "params.yaml").read_text()) == t.resolved
-        assert t.resolved["seeds"] == [t.seed] and t.out.name == cli.runs.run_id(t.resolved)
+        assert t.resolved["seeds"] == [t.seed] and t.out.name == runs.run_id(t.resolved)
 
 
 @pytest.mark.slow

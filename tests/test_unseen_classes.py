@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdnb import cli, data, models, profiles, train
+from kdnb import data, models, profiles, runner, train
 from kdnb import unseen_classes as uc
 
 KEPT = [0, 1, 2, 3, 4, 5]
@@ -73,7 +73,7 @@ def test_profiles_flags_and_grid():
     assert [c["temperature"] for c in uc.cells(p)] == [2.5, 10.0]
     assert uc.variant_flags("faithful", p)["teacher_source"] == "train_on_test"
     assert uc.variant_flags("corrected", dict(p, validation="test"))["validation"] == "test"   # explicit flag wins
-    _, _, resolved, _ = cli.plan("01_mnist_unseen_classes", {"profile": "full", "soft_weight": [0.0, 0.9]})
+    _, _, resolved, _ = runner.plan("01_mnist_unseen_classes", {"profile": "full", "soft_weight": [0.0, 0.9]})
     assert resolved["soft_weight"] == [0.0, 0.9] and resolved["temperature"] == 10.0
 
 
