@@ -73,7 +73,8 @@ PROFILES = {
     # 4 epochs at batch 256 (80 steps), validation on 500 test images 3x per epoch, bf16 autocast + channels_last
     # (issue 16): a ResNet-18 step at batch 256 in bf16 is ~2x the fp32 batch-64 step's images/s on one core
     # (benchmarks/bench_resnet_precision.py), so 2.2x the images of the fp32 profile it replaced (3,000 x 3 epochs
-    # at batch 64) fit in about the same time, nearer the source's batch 1024. dml_e_corrected is left out: with
+    # at batch 64) fit in about the same time, nearer the source's batch 1024: 22-33 min per seed on one core of
+    # the shared 2-core machine (the fp32 profile: 15-33 min). dml_e_corrected is left out: with
     # dml_e_apply_softmax=False its gradient equals dml_corrected's (KL's gradient in the student logits is
     # softmax(z) - target, linear in the target; tested)
     "reduced": dict(_COMMON, seeds=[42], data_source="real", train_per_class=500, holdout_per_class=100,
