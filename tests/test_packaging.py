@@ -54,7 +54,7 @@ def test_run_records_carry_the_lock_hash():
 
 def test_top_level_layout():
     expected = {"notebooks", "kdnb", "papers", "results", "environment.yml", "tests", "README.md",
-                "pyproject.toml", "Makefile", ".ci", "benchmarks", "requirements.lock"}
+                "pyproject.toml", "Makefile", ".ci", "benchmarks", "requirements.lock", "CONTRIBUTING.md"}
     present = {p.name for p in REPO.iterdir() if not p.name.startswith(".") or p.name == ".ci"}
     present = {p for p in present if not p.endswith(".egg-info")} - {"__pycache__", "data"}
     assert expected <= present and present - expected == set(), present - expected
