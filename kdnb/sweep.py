@@ -27,7 +27,9 @@ import json
 import math
 import multiprocessing
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -257,8 +259,15 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
 
     started: set = set()  # futures handed to a worker process (charged an attempt if their pool breaks)
     restarts = 0
+    # Ctrl-C only sets a flag, read once per loop (wait() returns within a second): a KeyboardInterrupt raised at
+    # any bytecode could leave a future's lock held inside concurrent.futures, and the shutdown below then hangs
+    stop = threading.Event()
+    own_handler = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set()) if own_handler else None
     try:
         while queue or running:
+            if stop.is_set():
+                raise KeyboardInterrupt
             if pool is None:
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
             # no more than the pool runs at once: a future handed to the pool beyond that sits in its call queue
@@ -308,6 +317,8 @@ def _run_local(todo, notebook, results, workers, max_retries, bar, say):
             pool = None
         raise
     finally:
+        if own_handler:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 

@@ -290,9 +290,12 @@ def test_report_figure_links_and_offline_reason(tmp_path):
     assert [r["claim"] for r in report.plotted(report.rows(tmp_path), "05_self_distillation")] == ["E1", "E3"]
 
 
-def test_ctrl_c_stops_the_sweep_and_its_trials_at_once(tiny, tmp_path):
+@pytest.mark.parametrize("ignored_by_parent", [False, True])
+def test_ctrl_c_stops_the_sweep_and_its_trials_at_once(tiny, tmp_path, ignored_by_parent):
     """One SIGINT to the driver: no queued trial starts, the running one is stopped (its worker and kernel end),
-    what is left is said in one line, exit code 130, within seconds (issue 18, fault 7)."""
+    what is left is said in one line, exit code 130, within seconds (issue 18, fault 7). Also when the driver was
+    started with SIGINT ignored (a parent that ignores it, as a background job's shell or this session's full test
+    run did: the driver inherited SIG_IGN and hung until the sweep installed its own handler)."""
     import subprocess
     import sys
 
@@ -302,7 +305,9 @@ def test_ctrl_c_stops_the_sweep_and_its_trials_at_once(tiny, tmp_path):
     code = ("import sys; from kdnb import cli; sys.exit(cli.main(sys.argv[1:]))")
     driver = subprocess.Popen([sys.executable, "-c", code, "sweep", str(tiny), "--grid", "x=1,2,3", "-p", "sleep",
                                "120", "--seeds", "0", "--results", str(res), "--no-progress"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignored_by_parent
+                              else None)
     try:
         victim = res / "tiny" / "_log" / "victim"
         deadline = time.time() + 60
