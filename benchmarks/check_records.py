@@ -26,8 +26,14 @@ from pathlib import Path
 
 import yaml
 
-# what measures the machine, not the model
-VOLATILE = ("time", "per_s", "_ms", "cache_hit", "seconds", "throughput")
+# what measures the machine or the cache, not the model: keys with a time unit's suffix (wall_time_s,
+# train_images_per_s, latency_ms) and whether a cache answered (cache_hit, teacher_cache_hit). Suffixes, not
+# substrings: a metric merely containing "time" in its name must still be compared
+VOLATILE_SUFFIXES = ("_s", "_ms", "cache_hit")
+
+
+def volatile(key: str) -> bool:
+    return key.lower().endswith(VOLATILE_SUFFIXES)
 
 
 def differences(old, new, path: str = "") -> list[str]:
@@ -35,7 +41,7 @@ def differences(old, new, path: str = "") -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for k in sorted(set(old) | set(new)):
-            if any(v in k.lower() for v in VOLATILE):
+            if volatile(k):
                 continue
             if k not in old or k not in new:
                 out.append(f"{path}/{k}: only in {'new' if k in new else 'committed'}")
@@ -51,10 +57,10 @@ def differences(old, new, path: str = "") -> list[str]:
 
 
 def check(record: Path, root: Path) -> list[str]:
-    from kdnb import runner
+    from kdnb import runner, runs
 
     params = yaml.safe_load((record / "params.yaml").read_text())
-    given = {k: v for k, v in params.items() if k not in runner.LOCATION_PARAMS}
+    given = {k: v for k, v in params.items() if k not in runs.LOCATION_PARAMS}
     out = runner.run(record.parent.name, given, results=root, progress_bar=False)
     if out.name != record.name:
         return [f"run id {out.name} instead of {record.name}"]

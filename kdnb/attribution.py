@@ -18,7 +18,6 @@ the mean over the seeds it shares with its start of (row - start), with its own 
 """
 from __future__ import annotations
 
-import importlib
 import io
 import math
 import textwrap
@@ -35,8 +34,7 @@ COLUMNS = ["notebook", "claim", "start", "change", "n_seeds", "metric", "mean", 
 
 def study(notebook: str):
     """The study module, if it declares quirks to attribute; else None."""
-    name = profiles.STUDY_MODULES.get(notebook)
-    module = importlib.import_module(name) if name else None
+    module = profiles.module(notebook)
     return module if module is not None and hasattr(module, "QUIRKS") and hasattr(module, "ATTRIBUTION") else None
 
 
@@ -107,8 +105,8 @@ def t_interval(values: list[float]) -> tuple[float, float, float | None, float |
 
 
 # what a run may differ in from its study's attribution profile and still be counted: the ablation's own axes and
-# where things are (runs.NOT_IN_RUN_ID) or run
-_FREE = ("seeds", "variants", "profile", "device", "download", *runs.NOT_IN_RUN_ID)
+# where things are (runs.LOCATION_PARAMS) or run
+_FREE = ("seeds", "variants", "profile", "device", "download", *runs.LOCATION_PARAMS)
 
 
 def same_configuration(notebook: str, params: dict) -> bool:

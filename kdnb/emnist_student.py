@@ -118,12 +118,10 @@ def dataset_label(dataset: str, source: str | None = None) -> str:
 
 
 def describe(params: dict) -> str:
-    """What the setup cell prints (kdnb.study.setup): the parameters set, and a stand-in says it is one."""
-    from .study import set_values
-
+    """What the setup cell prints below the parameters (kdnb.study.setup): a stand-in says it is one."""
     label = dataset_label(params["dataset"], params["data_source"])
-    return str(set_values(params)) + (f"\nSTAND-IN: {label}. Nothing below is an EMNIST-letters result or comparable "
-                                      "with the source's numbers." if is_stand_in(params["dataset"]) else "")
+    return (f"STAND-IN: {label}. Nothing below is an EMNIST-letters result or comparable with the source's numbers."
+            if is_stand_in(params["dataset"]) else "")
 
 
 # ---------------------------------------------------------------- models (Keras layers, torch modules)

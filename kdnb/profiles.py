@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 import re
 
-from . import runner, validate
+from . import runner, runs, validate
 
 # notebook name -> module holding its PROFILES dict
 STUDY_MODULES = {
@@ -19,19 +19,22 @@ STUDY_MODULES = {
 }
 
 
+def module(notebook: str):
+    """The study module behind a notebook; None for a notebook without one (a user's own)."""
+    return importlib.import_module(STUDY_MODULES[notebook]) if notebook in STUDY_MODULES else None
+
+
 def profiles_of(notebook: str) -> dict:
-    """A study notebook's profiles; a notebook without a study module (a user's own) has no defaults."""
-    if notebook not in STUDY_MODULES:
-        return {p: {} for p in validate.PROFILES}
-    return importlib.import_module(STUDY_MODULES[notebook]).PROFILES
+    """A study notebook's profiles; a notebook without a study module has no defaults."""
+    m = module(notebook)
+    return m.PROFILES if m is not None else {p: {} for p in validate.PROFILES}
 
 
 def check(notebook: str, params: dict) -> None:
     """The study's own check of resolved parameters (a ValueError naming the first bad one), if it has one."""
-    if notebook in STUDY_MODULES:
-        module = importlib.import_module(STUDY_MODULES[notebook])
-        if hasattr(module, "check"):
-            module.check(**params)
+    m = module(notebook)
+    if m is not None and hasattr(m, "check"):
+        m.check(**params)
 
 
 def resolve(notebook: str, **params) -> dict:
@@ -80,7 +83,7 @@ def from_namespace(notebook: str, namespace: dict) -> dict:
     runner.check_known(path, defaults, _strays(path, defaults, namespace))
     given = {k: _read_string(k, namespace[k], path.stem, defaults) for k in defaults if k in namespace}
     namespace.update(given)  # later cells that use a parameter's own name see the converted value
-    resolved = resolve(path.stem, **{k: v for k, v in given.items() if k not in runner.LOCATION_PARAMS})
+    resolved = resolve(path.stem, **{k: v for k, v in given.items() if k not in runs.LOCATION_PARAMS})
     if "device" in resolved:
         validate.device(resolved["device"])
     return resolved
@@ -148,7 +151,7 @@ def value_kinds(notebook: str, defaults: dict | None = None) -> dict[str, set[st
     default, every profile's and every variant's value, and the study's PARAMETER_TYPES (for a parameter whose values
     are all None)."""
     defaults = notebook_parameters(notebook) if defaults is None else defaults
-    extra, sets = {k: "str" for k in runner.LOCATION_PARAMS}, list(profiles_of(notebook).values())
+    extra, sets = {k: "str" for k in runs.LOCATION_PARAMS}, list(profiles_of(notebook).values())
     if notebook in STUDY_MODULES:
         module = importlib.import_module(STUDY_MODULES[notebook])
         extra.update(getattr(module, "PARAMETER_TYPES", {}))

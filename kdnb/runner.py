@@ -11,8 +11,6 @@ from pathlib import Path
 from . import runs, validate
 
 NOTEBOOKS = runs.REPO / "notebooks"
-# parameters that say where things go; kdnb run sets output_dir itself
-LOCATION_PARAMS = ("output_dir", "data_dir")
 
 
 def notebook_path(name: str) -> Path:
@@ -61,7 +59,7 @@ def plan(name: str, given: dict, results: Path | None = None) -> tuple[Path, dic
     defaults = notebook_parameters(path)
     check_known(path, defaults, given)
     merged = {**defaults, **given}
-    resolved = profiles.resolve(path.stem, **{k: v for k, v in merged.items() if k not in LOCATION_PARAMS})
+    resolved = profiles.resolve(path.stem, **{k: v for k, v in merged.items() if k not in runs.LOCATION_PARAMS})
     profiles.check(path.stem, resolved)  # bad values stop here, not as a traceback inside the notebook
     out = (results or runs.RESULTS) / path.stem / runs.run_id(resolved)
     return path, given, resolved, out

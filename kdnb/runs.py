@@ -28,8 +28,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("KDNB_RESULTS", REPO / "results"))
-# parameters that say where things are, not what is computed: they do not enter the run id
-NOT_IN_RUN_ID = ("output_dir", "data_dir")
+# parameters that say where things are, not what is computed: they do not enter the run id, and `kdnb run`
+# passes them to the notebook unresolved
+LOCATION_PARAMS = ("output_dir", "data_dir")
 # parameters added after run records were committed, with the value every earlier run computed with: at that value
 # they stay out of the hash, so committed run ids remain valid; any other value (precision='bf16') changes the id
 ADDED_LATER = {"precision": "fp32", "lr_schedule": "plateau", "test_size": None,
@@ -180,7 +181,7 @@ def run_id(params: dict) -> str:
     """<profile>-<hash of the resolved parameters>: the same parameters always land in the same folder,
     which is what makes a finished run skippable and an interrupted one resumable."""
     keyed = {k: v for k, v in params.items()
-             if k not in NOT_IN_RUN_ID and not (k in ADDED_LATER and v == ADDED_LATER[k])}
+             if k not in LOCATION_PARAMS and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     return f"{params.get('profile', 'run')}-{digest(_jsonable(keyed), 10)}"
 
 

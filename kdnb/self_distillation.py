@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import claims, data, losses, models, numerics, train, validate
+from . import claims, data, losses, models, numerics, study, train, validate
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 VARIANTS = {
@@ -89,8 +89,7 @@ def check(*, sd_alphas, distillation_steps, epochs, batch_size, lr, reg_coef, va
 
 def variant_flags(variant: str, params: dict) -> dict:
     """The quirk flags a variant runs with: the variant's values, overridden by any flag given explicitly."""
-    validate.choice("variants", variant, VARIANTS)
-    return {k: (v if params.get(k) is None else params[k]) for k, v in VARIANTS[variant].items()}
+    return study.variant_flags(VARIANTS, variant, params)
 
 
 def run_variants(cifar: "Cifar", params: dict, *, device: str = "cpu", checkpoint=lambda name: None) -> list[dict]:

@@ -5,14 +5,12 @@
 A study is one module, named in `profiles.STUDY_MODULES`, holding:
   PROFILES                 {'smoke' | 'reduced' | 'full': {parameter: value}}
   check(**params)          a ValueError naming the first bad parameter, before any data is read
-  describe(params) -> str  optional: what setup prints about the run (default: the parameters that are set)
+  describe(params) -> str  optional: what setup prints about the run below the parameters that are set
   require_data(params, data_dir)  optional: missing data stops the setup cell, for a study that works before
                            it loads its data (05's exact kernel part)
   QUIRKS, ATTRIBUTION...   the quirk flags and claims `kdnb sweep --ablate` / `kdnb report` read (kdnb.attribution)
 and its notebook has the sections of SECTIONS, in that order (tests/test_study_contract.py)."""
 from __future__ import annotations
-
-import importlib
 
 from . import profiles, runs, validate
 
@@ -25,24 +23,30 @@ NUMBERED = ("Data", "Training", "Results", "Beyond the source", "Claims")
 OPTIONAL = ("Beyond the source",)
 
 
-def module(notebook: str):
-    """The study module behind a notebook."""
-    return importlib.import_module(profiles.STUDY_MODULES[notebook])
+module = profiles.module  # the study module behind a notebook
 
 
 def setup(notebook: str, namespace: dict):
     """The parameters as the kernel holds them, resolved and checked (a misspelt or unusable one stops here, before
     any data is read), the device, and the run that records them; prints what the run will do."""
     params = profiles.from_namespace(notebook, namespace)
+    profiles.check(notebook, params)
     study = module(notebook)
-    study.check(**params)
     device = validate.device(params["device"])
     if hasattr(study, "require_data"):
         study.require_data(params, namespace.get("data_dir"))
     run = runs.Run(notebook, params, namespace.get("output_dir"), device)
     _plot_defaults()
-    print(study.describe(params) if hasattr(study, "describe") else set_values(params))
+    extra = study.describe(params) if hasattr(study, "describe") else ""
+    print(set_values(params), *([extra] if extra else []), sep="\n")
     return params, run, device
+
+
+def variant_flags(variants: dict, variant: str, params: dict) -> dict:
+    """The quirk flags a variant (a key of the study's VARIANTS) runs with: the variant's values, overridden by any
+    flag given explicitly."""
+    validate.choice("variants", variant, variants)
+    return {k: (v if params.get(k) is None else params[k]) for k, v in variants[variant].items()}
 
 
 def set_values(params: dict) -> dict:

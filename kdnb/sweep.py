@@ -153,7 +153,7 @@ def plan(notebook: str, grid: dict, *, seeds=None, fixed: dict | None = None,
     both = sorted((set(grid) | {k for p in points or [] for k in p}) & set(fixed))
     if both:
         raise ValueError(f"parameter {both[0]!r} is given both as a grid axis (or by --ablate) and as a fixed value")
-    for name in runner.LOCATION_PARAMS:
+    for name in runs.LOCATION_PARAMS:
         if name in grid:
             raise ValueError(f"parameter {name!r} says where things are, it cannot be a grid axis")
     seed_key = None

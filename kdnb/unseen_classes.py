@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import claims, data, losses, metrics, models, numerics, papers, runs, train, validate
+from . import claims, data, losses, metrics, models, numerics, papers, runs, study, train, validate
 
 NUM_CLASSES = 10
 VARIANTS = {
@@ -137,8 +137,7 @@ def check(*, kept_classes, temperature, soft_weight, lr, epochs, batch_size, es_
 
 def variant_flags(variant: str, params: dict) -> dict:
     """The quirk flags a variant runs with: the variant's values, overridden by any flag given explicitly."""
-    validate.choice("variants", variant, VARIANTS)
-    return {k: (v if params.get(k) is None else params[k]) for k, v in VARIANTS[variant].items()}
+    return study.variant_flags(VARIANTS, variant, params)
 
 
 def cells(params: dict) -> list[dict]:
@@ -152,10 +151,8 @@ def cell_name(cell: dict) -> str:
 
 
 def describe(params: dict) -> str:
-    """What the setup cell prints (kdnb.study.setup): the parameters set, each variant's flags, the configurations."""
-    from .study import set_values
-
-    return "\n".join([str(set_values(params))] + [f"{v:>9}: {variant_flags(v, params)}" for v in params["variants"]]
+    """What the setup cell prints below the parameters (kdnb.study.setup): each variant's flags, the configurations."""
+    return "\n".join([f"{v:>9}: {variant_flags(v, params)}" for v in params["variants"]]
                      + [f"configurations: {[cell_name(c) for c in cells(params)]}"])
 
 

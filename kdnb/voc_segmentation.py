@@ -22,6 +22,8 @@ GPU never waits for PIL workers (and no lambda transforms need pickling, B-Q8).
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -95,11 +97,9 @@ def _precision(params: dict, device: str) -> tuple[bool, bool]:
 
 
 def describe(params: dict) -> str:
-    """What the setup cell prints (kdnb.study.setup): the parameters set and the precision the device gets."""
-    from .study import set_values
-
+    """What the setup cell prints below the parameters (kdnb.study.setup): the precision the device gets."""
     bf16, channels_last = _precision(params, validate.device(params["device"]))
-    return f"{set_values(params)}\nbf16 autocast: {bf16}, channels_last: {channels_last}"
+    return f"bf16 autocast: {bf16}, channels_last: {channels_last}"
 
 
 def check(*, data_source, image_size, epochs, batch_size, test_batch_size, lr, weight_decay, temperature,
@@ -270,8 +270,21 @@ def voc_dataset_root(data_source: str, data_dir=None, *, download: bool = False)
     if data_source == "synthetic":
         key = f"synthetic-voc-{SYNTHETIC['n_train']}-{SYNTHETIC['n_val']}-{SYNTHETIC['size'][0]}x{SYNTHETIC['size'][1]}"
         root = data.cache_dir() / key
-        if not (root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt").is_file():
-            samples.write_synthetic_voc(root, **SYNTHETIC)
+        finished = root / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "val.txt"
+        if not finished.is_file():
+            # written whole beside the cache entry, then renamed into place: a sweep's workers start together, and
+            # one must never read a JPEG another is still writing, nor take a half-written tree for a finished one
+            tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            samples.write_synthetic_voc(tmp, **SYNTHETIC)
+            if root.is_dir() and not finished.is_file():  # left half-written by an older kdnb
+                shutil.rmtree(root, ignore_errors=True)
+            try:
+                os.rename(tmp, root)
+            except OSError:  # another process put it there first: theirs is the same seeded tree
+                if not finished.is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         return root
     return data.voc_root(data_dir, download=download)
 

@@ -6,7 +6,7 @@ import types
 import papermill
 import pytest
 
-from kdnb import profiles, runner
+from kdnb import profiles, runner, runs
 
 NOTEBOOKS = sorted(profiles.STUDY_MODULES)
 
@@ -31,7 +31,7 @@ def test_the_setup_cell_can_be_rerun_after_later_cells():
     ns = kernel_namespace(nb, params={}, run=object(), card={}, mnist=types.SimpleNamespace())  # later cells bind these
     assert profiles.from_namespace(nb, ns) == profiles.resolve(nb, **{k: v for k, v in kernel_namespace(nb).items()
                                                                      if k in profiles.notebook_parameters(nb)
-                                                                     and k not in runner.LOCATION_PARAMS})
+                                                                     and k not in runs.LOCATION_PARAMS})
 
 
 def test_strings_for_numeric_and_list_parameters_are_read_once(capsys):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kdnb import profiles, study
+from kdnb import profiles, runs, study
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(profiles.STUDY_MODULES)
@@ -81,12 +81,13 @@ def test_every_study_module_answers_the_contract(nb):
     for profile in module.PROFILES:
         params = profiles.resolve(nb, **dict(_notebook_defaults(nb), profile=profile))
         module.check(**params)  # every profile passes its own study's check
-        text = module.describe(params) if hasattr(module, "describe") else str(study.set_values(params))
-        assert isinstance(text, str) and text
+        if hasattr(module, "describe"):  # lines below the parameters setup prints; never the parameters again
+            text = module.describe(params)
+            assert isinstance(text, str) and str(study.set_values(params)) not in text
 
 
 def _notebook_defaults(nb: str) -> dict:
-    return {k: v for k, v in profiles.notebook_parameters(nb).items() if k not in ("output_dir", "data_dir")}
+    return {k: v for k, v in profiles.notebook_parameters(nb).items() if k not in runs.LOCATION_PARAMS}
 
 
 def test_setup_stops_a_bad_parameter_before_anything_runs(tmp_path):
@@ -120,3 +121,12 @@ def test_kdnb_run_accepts_data_source_for_05(tmp_path):
 
     _, given, resolved, _ = runner.plan("05_self_distillation", {"profile": "smoke", "data_source": "sample"}, tmp_path)
     assert given["data_source"] == resolved["data_source"] == "sample"
+
+
+def test_setup_prints_the_set_parameters_then_what_the_study_adds(capsys):
+    ns = dict(_notebook_defaults("01_mnist_unseen_classes"), output_dir=None, data_dir=None)
+    params, _, _ = study.setup("01_mnist_unseen_classes", ns)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(study.set_values(params))
+    assert lines[1:] == study.module("01_mnist_unseen_classes").describe(params).splitlines()
+    assert lines[1].strip().startswith(params["variants"][0] + ":")

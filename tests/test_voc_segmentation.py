@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -285,6 +287,26 @@ def test_synthetic_voc_through_torchvision(tmp_path, monkeypatch):
 
     jpg = Image.open(root / "VOCdevkit/VOC2012/JPEGImages/2012_000001.jpg").convert("RGB")
     assert torch.equal(tr.x[0], T.PILToTensor()(T.Resize((64, 64))(jpg)).permute(1, 2, 0))
+
+
+def test_synthetic_voc_cache_is_written_whole_then_renamed(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDNB_CACHE", str(tmp_path))
+    root = vs.voc_dataset_root("synthetic")
+    sets = root / "VOCdevkit/VOC2012/ImageSets/Segmentation"
+    # a tree an interrupted writer left without its last file is replaced, not read
+    (sets / "val.txt").unlink()
+    (root / "VOCdevkit/VOC2012/JPEGImages/2012_000001.jpg").write_bytes(b"half a jpeg")
+    assert vs.voc_dataset_root("synthetic") == root and (sets / "val.txt").is_file()
+    assert len(vs.load_voc(root, "train", 64, source="synthetic")) == vs.SYNTHETIC["n_train"]
+    # a second process that finished while we wrote: our rename fails, theirs stays, no temporary folder is left
+    shutil.rmtree(root)
+    calls = []
+    real = vs.samples.write_synthetic_voc
+    monkeypatch.setattr(vs.samples, "write_synthetic_voc", lambda r, **kw: calls.append(r) or real(r, **kw) and
+                        real(root, **kw))
+    assert vs.voc_dataset_root("synthetic") == root and (sets / "val.txt").is_file()
+    assert len(calls) == 1 and calls[0] != root  # never written where a reader looks
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.data
