@@ -692,6 +692,18 @@ _C1_RUNS = ["baseline", "dml"]
 ABLATION_STARTS = {"faithful": {**{k: v[0] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS},
                    "corrected": {**{k: v[1] for k, v in QUIRKS.items()}, "algorithms": _C1_RUNS}}
 ATTRIBUTION_PROFILE = "reduced"
+# the cohorts each claim compares
+CLAIM_RUNS = {"C1": ("baseline", "dml", "dml_e"), "C2": ("tfkd", "tfkd_smooth")}
+
+
+def claim_applies(claim: str, params: dict) -> bool:
+    """Whether a run speaks to a claim as the source made it: every quirk flag at the source's value and the
+    claim's cohorts trained. An ablation run (one flag corrected, or only the baseline and DML) records none: its
+    'dml' cohort is not the thesis's. `kdnb report` applies the same rule to records made before it existed."""
+    return (all(runs.param(params, k) == ends[0] for k, ends in QUIRKS.items())
+            and set(CLAIM_RUNS.get(claim, ())) <= set(params.get("algorithms") or ()))
+
+
 ATTRIBUTION = {"C1": ("dml_minus_baseline", "DML cohort's mean final test accuracy minus the baseline's (points)")}
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import attribution, papers, runs
+from . import attribution, papers, profiles, runs
 from .metrics import ci95_halfwidth  # noqa: F401 (report.ci95_halfwidth: the rows' intervals)
 
 PROFILE_ORDER = {"full": 0, "reduced": 1}
@@ -99,8 +99,10 @@ def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> lis
         nb = card["notebook"]
         for claim in card["claims"]:
             by_profile: dict[str, list] = {}
+            applies = getattr(profiles.module(nb), "claim_applies", lambda claim, params: True)
             for rec in records:
-                if rec["notebook"] == nb and claim["id"] in rec.get("claims", {}):
+                if (rec["notebook"] == nb and claim["id"] in rec.get("claims", {})
+                        and applies(claim["id"], rec["params"])):
                     by_profile.setdefault(rec["params"]["profile"], []).append(rec)
             base = {"study": nb, "claim": claim["id"], "statement": claim["claim"], "metric": claim["metric"],
                     "reported": claim.get("reported"), "tolerance": claim.get("tolerance")}

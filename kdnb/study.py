@@ -8,6 +8,8 @@ A study is one module, named in `profiles.STUDY_MODULES`, holding:
   describe(params) -> str  optional: what setup prints about the run below the parameters that are set
   require_data(params, data_dir)  optional: missing data stops the setup cell, for a study that works before
                            it loads its data (05's exact kernel part)
+  claim_applies(claim, params) -> bool  optional: whether a run records a claim (03: not an ablation run); the
+                           report counts a record's claim only where it says so
   QUIRKS, ATTRIBUTION...   the quirk flags and claims `kdnb sweep --ablate` / `kdnb report` read (kdnb.attribution)
 and its notebook has the sections of SECTIONS, in that order (tests/test_study_contract.py)."""
 from __future__ import annotations

@@ -220,3 +220,27 @@ def test_alternating_dml_and_cross_quality_paths_run_and_differ():
                               progress=False)
     assert low["size"] == 14 and low["members"][0]["test_logits"].shape == (40, 10)
     assert not torch.equal(low["members"][0]["test_logits"], full["members"][0]["test_logits"])  # C-Q5 matters
+
+
+def test_only_a_run_with_the_sources_flags_and_cohorts_speaks_to_a_claim(tmp_path):
+    import json
+
+    from kdnb import report
+
+    reduced = profiles.resolve("03_dml_kd_calibration", **{**{k: None for k in dc.PROFILES["reduced"]},
+                                                           "profile": "reduced"})
+    assert dc.claim_applies("C1", reduced) and dc.claim_applies("C2", reduced)
+    for flag, (_, corrected) in dc.QUIRKS.items():
+        assert not dc.claim_applies("C1", dict(reduced, **{flag: corrected}))
+    faithful_row = dict(reduced, **dc.ABLATION_STARTS["faithful"])  # baseline and dml only: no dml_e, no tfkd
+    assert not dc.claim_applies("C1", faithful_row) and not dc.claim_applies("C2", faithful_row)
+    # the report drops the claim of an ablation record made before the notebook asked (it has dml_e = None)
+    for run_id, params, value in [("reduced-full", reduced, [0.74, 0.74, 0.83, 0.02, 0.01]),
+                                  ("reduced-row", dict(faithful_row, dml_update="alternating", seeds=[43]),
+                                   [0.70, None, 0.83, 0.02, 0.01])]:
+        d = tmp_path / "03_dml_kd_calibration" / run_id
+        d.mkdir(parents=True)
+        (d / "run.json").write_text(json.dumps({"notebook": "03_dml_kd_calibration", "params": params, "claims": {
+            "C1": {"values": [value], "seeds": params["seeds"], "verdict": "mixed"}}}))
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "C1")
+    assert row["runs"] == ["03_dml_kd_calibration/reduced-full"] and row["seeds"] == 1

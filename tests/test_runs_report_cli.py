@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from kdnb import cli, papers, report, runner, runs
+from kdnb import dml_calibration as dc
 
 
 def test_atomic_writes_leave_no_partial_file(tmp_path, monkeypatch):
@@ -61,10 +62,11 @@ def test_run_record(tmp_path):
     assert nothing.checkpoint("a") is None and nothing.save_figure(None, "f") is None
 
 
-def _record(results, notebook, run_id, profile, claims):
+def _record(results, notebook, run_id, profile, claims, params=None):
     d = results / notebook / run_id
     d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"notebook": notebook, "params": {"profile": profile}, "claims": claims}))
+    (d / "run.json").write_text(json.dumps({"notebook": notebook, "params": {**(params or {}), "profile": profile},
+                                            "claims": claims}))
 
 
 def test_report_verdicts(tmp_path):
@@ -191,7 +193,7 @@ def test_claims_without_a_reported_number_still_get_a_figure(tmp_path):
     for seed in (1, 2, 3):
         _record(tmp_path, "03_dml_kd_calibration", f"reduced-{seed}", "reduced",
                 {"C2": {"values": [[0.25, 0.14, 0.19, 0.02, 0.80, 0.81, 1.36, 0.64]], "seeds": [seed],
-                        "verdict": "supported"}})
+                        "verdict": "supported"}}, params=dc.PROFILES["reduced"])
         _record(tmp_path, "04_emnist_mlp_student", f"reduced-{seed}", "reduced",
                 {"D3-mnist-standin": {"values": [98.4 + seed / 10], "seeds": [seed]}})
     table = report.rows(tmp_path)
