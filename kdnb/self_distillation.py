@@ -243,6 +243,13 @@ ABLATION_STARTS = {v: {"variants": [v]} for v in VARIANTS}
 ABLATION_RUNS = [{"variants": ["faithful"]}, {"variants": ["corrected"]},
                  {"variants": ["faithful"], "teacher_bn_train_mode": False}, {"variants": ["faithful"], "shuffle": True}]
 ATTRIBUTION_PROFILE = "reduced"  # the lossless CIFAR-10 subset on CPU; full needs CIFAR-10 and a GPU
+
+
+def claim_applies(claim: str, params: dict) -> bool:
+    """Whether a run records the claims: both variants, each with its own flags. An ablation run (one variant, or
+    a flag given explicitly) exists for results/attribution.csv: its E4 would judge a mixed recipe, and its E1-E3
+    (exact, no seed) would only repeat the same numbers as more n. `kdnb report` applies this to older records."""
+    return list(params.get("variants") or []) == list(VARIANTS) and all(params.get(k) is None for k in QUIRKS)
 GAIN_ALPHA = 0.6  # the source README's alpha
 ATTRIBUTION = {"E4": ("sd_gain", f"last step's final test accuracy with alpha {GAIN_ALPHA} minus step 0's "
                                  "(points)")}

@@ -81,3 +81,16 @@ def test_profiles_resolve():
     assert p["epochs"] == 75 and p["lr"] == 3e-4 and p["arch"] == "resnet50" and p["batch_size"] == 16
     with pytest.raises(ValueError, match="profile='paper'"):
         profiles.resolve("05_self_distillation", profile="paper")
+
+
+def test_an_ablation_run_records_no_claim():
+    from kdnb import profiles
+
+    reduced = profiles.resolve("05_self_distillation", **{**{k: None for k in sd.PROFILES["reduced"]},
+                                                          "teacher_bn_train_mode": None, "shuffle": None,
+                                                          "profile": "reduced"})
+    assert sd.claim_applies("E4", reduced)
+    assert sd.claim_applies("E1", {"variants": ["faithful", "corrected"]})  # a record made before the flags existed
+    for point in sd.ABLATION_RUNS:
+        assert not any(sd.claim_applies(c, dict(reduced, **point)) for c in ("E1", "E4"))
+    assert not sd.claim_applies("E4", dict(reduced, shuffle=False))  # a flag given explicitly, even the variant's own
