@@ -249,7 +249,8 @@ def claim_applies(claim: str, params: dict) -> bool:
     """Whether a run records the claims: both variants, each with its own flags. An ablation run (one variant, or
     a flag given explicitly) exists for results/attribution.csv: its E4 would judge a mixed recipe, and its E1-E3
     (exact, no seed) would only repeat the same numbers as more n. `kdnb report` applies this to older records."""
-    return list(params.get("variants") or []) == list(VARIANTS) and all(params.get(k) is None for k in QUIRKS)
+    # a record without the key predates variant selection: it ran both
+    return list(params.get("variants", VARIANTS)) == list(VARIANTS) and all(params.get(k) is None for k in QUIRKS)
 GAIN_ALPHA = 0.6  # the source README's alpha
 ATTRIBUTION = {"E4": ("sd_gain", f"last step's final test accuracy with alpha {GAIN_ALPHA} minus step 0's "
                                  "(points)")}
