@@ -231,9 +231,12 @@ def test_05_declares_its_two_flags_and_reads_records_made_before_they_were_param
         ("corrected", None, 0, 0.42), ("corrected", 0.6, 2, 0.43))]
     got = sd.attribution_samples("E4", params, {"resnet_rows": rows})
     assert [(s["flags"], s["value"]) for s in got] == [(sd.VARIANTS["faithful"], 5.0), (sd.VARIANTS["corrected"], 1.0)]
-    covered = {key for run in sd.ABLATION_RUNS for v in run["variants"]
+    runs_ = [dict(params, **run) for run in sd.ABLATION_RUNS]
+    covered = {key for run in runs_ for v in run["variants"]
                for key in attribution.classify(sd, {"flags": sd.variant_flags(v, run), "protocol": {}})}
-    assert covered == {(s, c) for s, c, _ in attribution.points("05_self_distillation")}  # 4 runs, all 6 rows
+    assert covered == {(s, c) for s, c, _ in attribution.points("05_self_distillation")}  # 3 runs, all 6 rows
+    # the first is the profile's own run: a seed's claim record (reduced-88b2c1dda6 for seed 0) is its endpoints
+    assert sd.ABLATION_RUNS[0] == {} and sd.claim_applies("E4", runs_[0])
     with pytest.raises(ValueError, match="shuffle='yes'"):
         sd.check(**dict(params, shuffle="yes"))
     assert sd.variant_flags("corrected", dict(params, shuffle=False)) == {"teacher_bn_train_mode": False, "shuffle": False}
