@@ -138,6 +138,15 @@ def test_report_counts_each_seed_once(tmp_path):
     assert row["seeds"] == 3 and row["reproduced"] == pytest.approx((e3 + e3 + 1e-4 + 9.0) / 3)
 
 
+def test_an_exact_claim_counts_once_however_many_runs_computed_it(tmp_path):
+    """05's KRR claims carry no seeds: three both-variant runs computed the same numbers, which are not n = 3."""
+    e3 = papers.reported("05_self_distillation", "E3")
+    for run_id in ("reduced-a", "reduced-b", "reduced-c"):
+        _record(tmp_path, "05_self_distillation", run_id, "reduced", {"E3": {"values": [e3]}})
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
+    assert row["seeds"] == 1 and row["ci95"] is None and len(row["runs"]) == 1 and row["verdict"] == "reproduced"
+
+
 def test_cli_rejects_bad_values_before_running(capsys):
     assert cli.main(["run", "05_self_distillation", "-p", "sd_alphas", "[1.5]"]) == 2
     assert "sd_alphas=1.5" in capsys.readouterr().err
