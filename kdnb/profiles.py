@@ -152,10 +152,10 @@ def value_kinds(notebook: str, defaults: dict | None = None) -> dict[str, set[st
     are all None)."""
     defaults = notebook_parameters(notebook) if defaults is None else defaults
     extra, sets = {k: "str" for k in runs.LOCATION_PARAMS}, list(profiles_of(notebook).values())
-    if notebook in STUDY_MODULES:
-        module = importlib.import_module(STUDY_MODULES[notebook])
-        extra.update(getattr(module, "PARAMETER_TYPES", {}))
-        sets += list(getattr(module, "VARIANTS", {}).values())  # quirk flags: None = each variant's value
+    m = module(notebook)
+    if m is not None:
+        extra.update(getattr(m, "PARAMETER_TYPES", {}))
+        sets += list(getattr(m, "VARIANTS", {}).values())  # quirk flags: None = each variant's value
     out = {}
     for name, default in defaults.items():
         values = [default] + [p[name] for p in sets if name in p]

@@ -253,6 +253,8 @@ def claim_applies(claim: str, params: dict) -> bool:
     (exact, no seed) would only repeat the same numbers as more n. `kdnb report` applies this to older records."""
     # a record without the key predates variant selection: it ran both
     return list(params.get("variants", VARIANTS)) == list(VARIANTS) and all(params.get(k) is None for k in QUIRKS)
+
+
 GAIN_ALPHA = 0.6  # the source README's alpha
 ATTRIBUTION = {"E4": ("sd_gain", f"last step's final test accuracy with alpha {GAIN_ALPHA} minus step 0's "
                                  "(points)")}
