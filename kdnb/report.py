@@ -115,7 +115,8 @@ def rows(results: Path = runs.RESULTS, records: list[dict] | None = None) -> lis
             for profile in sorted(by_profile, key=lambda p: PROFILE_ORDER.get(p, 9)):
                 recs = runs.newest_first(by_profile[profile])
                 entries = [r["claims"][claim["id"]] for r in recs]
-                if not _seeded(entries):  # exact (05's KRR): every run computed the same thing, the newest speaks
+                if not _seeded(entries) and all(e["values"] == entries[0]["values"] for e in entries):
+                    # exact (05's KRR): every run computed the same numbers, which are one value, not n of them
                     recs, entries = recs[:1], entries[:1]
                 values, used = _values_once_per_seed(entries)
                 entries = [e for e, u in zip(entries, used) if u]  # the records counted, for notes and links
