@@ -22,7 +22,6 @@ GPU never waits for PIL workers (and no lambda transforms need pickling, B-Q8).
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data, losses, metrics, models, numerics, samples, train, validate
+from . import data, losses, metrics, models, numerics, runs, samples, train, validate
 
 NUM_CLASSES = 21
 VOID = 255
@@ -274,17 +273,10 @@ def voc_dataset_root(data_source: str, data_dir=None, *, download: bool = False)
         if not finished.is_file():
             # written whole beside the cache entry, then renamed into place: a sweep's workers start together, and
             # one must never read a JPEG another is still writing, nor take a half-written tree for a finished one
-            tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            samples.write_synthetic_voc(tmp, **SYNTHETIC)
-            if root.is_dir() and not finished.is_file():  # left half-written by an older kdnb
+            if root.is_dir():  # left half-written by an older kdnb
                 shutil.rmtree(root, ignore_errors=True)
-            try:
-                os.rename(tmp, root)
-            except OSError:  # another process put it there first: theirs is the same seeded tree
-                if not finished.is_file():
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
+            with runs.atomic_dir(root) as tmp:
+                samples.write_synthetic_voc(tmp, **SYNTHETIC)
         return root
     return data.voc_root(data_dir, download=download)
 

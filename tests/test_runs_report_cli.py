@@ -37,6 +37,23 @@ def test_atomic_path_gives_each_writer_its_own_temp_and_leaves_nothing_on_failur
     assert target.read_bytes() == b"a" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
 
+def test_atomic_dir_shows_readers_no_folder_or_the_whole_one(tmp_path):
+    target = tmp_path / "tree"
+    with runs.atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not target.exists() and tmp.parent == tmp_path
+    assert (target / "a.txt").read_text() == "a"
+    # another writer finished first: theirs stays, ours is dropped
+    with runs.atomic_dir(target) as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError):
+        with runs.atomic_dir(tmp_path / "other") as tmp:
+            (tmp / "half").write_text("h")
+            raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["tree"]
+
+
 def test_run_id_is_a_hash_of_what_is_computed():
     a = runs.run_id({"profile": "reduced", "lr": 0.1, "output_dir": "x", "data_dir": "/d"})
     b = runs.run_id({"lr": 0.1, "profile": "reduced", "output_dir": "y"})

@@ -306,7 +306,7 @@ def test_synthetic_voc_cache_is_written_whole_then_renamed(tmp_path, monkeypatch
                         real(root, **kw))
     assert vs.voc_dataset_root("synthetic") == root and (sets / "val.txt").is_file()
     assert len(calls) == 1 and calls[0] != root  # never written where a reader looks
-    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 @pytest.mark.data
