@@ -296,13 +296,21 @@ def test_sweep_records_table_and_d4(tmp_path):
     assert len(rows) == 4
     table = es.sweep_table(rows)
     assert table.shape == (2, 2) and table.loc[10.0, 0.5] == pytest.approx(98.5)
-    d4 = es.claim_id("D4", "mnist"), es.d4_claim(base, table)
+    d4 = es.claim_id("D4", "mnist"), es.d4_claim(base, rows)
     assert d4[0] == "D4-mnist-standin" and d4[1]["verdict"] == "supported" and d4[1]["values"] == [0.0]
-    worse = table.copy()
-    worse.loc[2.0, 0.1] = 99.0
+    assert d4[1]["seeds"] == [0]
+    worse = [dict(r, test_acc=0.99) if (r["temperature"], r["lam"]) == (2.0, 0.1) else r for r in rows]
     got = es.d4_claim(base, worse)
     assert got["verdict"] == "not supported" and got["values"] == [-0.5] and "rank 2 of 4" in got["note"]
-    assert es.d4_claim(dict(base, profile="smoke"), table) is None
+    assert es.d4_claim(dict(base, profile="smoke"), rows) is None
+    # judged per seed, on the seeds that ran every cell: seed 1 (reference cell best by 0.2) counts, seed 2 ran the
+    # reference cell only and is left out of the grid, whatever its accuracy
+    seed1 = [dict(r, seed=1, test_acc=r["test_acc"] - 0.002 * ((r["temperature"], r["lam"]) != (10.0, 0.5)))
+             for r in rows]
+    seed2 = [dict(rows[-1], seed=2, test_acc=0.5)]
+    got = es.d4_claim(base, worse + seed1 + seed2)
+    assert got["seeds"] == [0, 1] and got["values"] == [-0.5, 0.0] and got["verdict"] == "mixed"
+    assert es.complete_seeds(worse + seed1 + seed2) == [0, 1] and "on 1 of 2 seeds" in got["note"]
     assert es.sweep_table([]).empty
 
 

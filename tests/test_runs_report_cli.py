@@ -162,9 +162,11 @@ def test_an_exact_claim_counts_once_however_many_runs_computed_it(tmp_path):
         _record(tmp_path, "05_self_distillation", run_id, "reduced", {"E3": {"values": [e3]}})
     row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
     assert row["seeds"] == 1 and row["ci95"] is None and len(row["runs"]) == 1 and row["verdict"] == "reproduced"
+    assert report.cell(row).endswith(" (exact)") and report.readme_cell(row).endswith(" (exact)")
     # seedless values that differ are not one computation: they are pooled (tests/test_sweep.py has that case)
     _record(tmp_path, "05_self_distillation", "reduced-d", "reduced", {"E3": {"values": [e3 + 1e-4]}})
-    assert next(r for r in report.rows(tmp_path) if r["claim"] == "E3")["seeds"] == 4
+    row = next(r for r in report.rows(tmp_path) if r["claim"] == "E3")
+    assert row["seeds"] == 4 and not row["exact"] and report.cell(row).endswith(" (n=4)")
 
 
 def test_cli_rejects_bad_values_before_running(capsys):
