@@ -221,10 +221,16 @@ def sentences(rs: list[dict], reported: float | None) -> list[str]:
     if "faithful" in ends and "corrected" in ends:
         f, c = ends["faithful"], ends["corrected"]
         gap = c["mean"] - f["mean"]
+        # a share of a gap that seed noise could have made is a meaningless percentage (04's 0.04 points was
+        # "236 % of the way"): shares only where the two ends' 95 % intervals are apart
+        apart = (None not in (f["ci95_low"], c["ci95_low"])
+                 and (f["ci95_high"] < c["ci95_low"] or c["ci95_high"] < f["ci95_low"]))
         out.append(f"- Faithful {_num(f['mean'])} (n={f['n_seeds']}) → corrected {_num(c['mean'])} "
                    f"(n={c['n_seeds']}): a gap of {_num(gap)}"
                    + (f"; reported {reported:.2f}" if reported is not None else "")
-                   + ("; fewer than 3 seeds at an end: inconclusive." if min(f["n_seeds"], c["n_seeds"]) < 3 else "."))
+                   + ("; fewer than 3 seeds at an end: inconclusive." if min(f["n_seeds"], c["n_seeds"]) < 3 else
+                      "." if apart else "; the two ends' 95 % intervals overlap: no gap beyond seed noise to share "
+                      "out."))
         for start in STARTS:
             singles = [r for r in rs if r["start"] == start and r["change"] != "none" and r["delta_vs_start"] is not None]
             if not singles:
@@ -234,12 +240,13 @@ def sentences(rs: list[dict], reported: float | None) -> list[str]:
                 continue
             top = max(singles, key=lambda r: abs(r["delta_vs_start"]))
             # the share of the way to the other end: from faithful towards corrected (+gap), or back (-gap)
-            share = (top["delta_vs_start"] if start == "faithful" else -top["delta_vs_start"]) / gap if gap else None
+            share = ((top["delta_vs_start"] if start == "faithful" else -top["delta_vs_start"]) / gap
+                     if gap and apart else None)
             others = [r for r in singles if r is not top and significant(r)]
             verb, other_end = ("correcting", "corrected") if start == "faithful" else ("restoring", "faithful")
-            way = ("" if share is None else f"({100 * share:.0f} % of the way to {other_end})" if share >= 0 else
-                   f"(away from {other_end}: {100 * share:.0f} % of the gap)")
-            out.append(f"- From {start}, {verb} `{top['change']}` alone moves it by {_num(top['delta_vs_start'])} "
+            way = ("" if share is None else f" ({100 * share:.0f} % of the way to {other_end})" if share >= 0 else
+                   f" (away from {other_end}: {100 * share:.0f} % of the gap)")
+            out.append(f"- From {start}, {verb} `{top['change']}` alone moves it by {_num(top['delta_vs_start'])}"
                        + way
                        + (f", paired interval [{_num(top['delta_low'])}, {_num(top['delta_high'])}] excludes 0"
                           if significant(top) else ", its paired interval includes 0 (not distinguishable from noise)")

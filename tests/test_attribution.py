@@ -115,6 +115,11 @@ def test_sentences_name_the_single_change_that_moves_it_most():
     assert "correcting `a=1` alone moves it by -17.00 (100 % of the way to corrected), paired interval" in text
     assert "excludes 0" in text
     assert "no other single change moves it beyond seed noise" in text  # b=1: paired (-0.1, 0.1, -0.1) spans 0
+    # ends whose intervals overlap: the gap is noise, and no share of it is computed
+    rs[3] = row("corrected", "none", [97.2, 96.0, 98.1])
+    text = "\n".join(attribution.sentences(rs, 97.3))
+    assert "intervals overlap: no gap beyond seed noise" in text and "% of the way" not in text
+    assert "correcting `a=1` alone moves it by -17.00, paired interval" in text
 
 
 @pytest.mark.parametrize("diff, ci, tol, verdict", [
