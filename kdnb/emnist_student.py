@@ -515,11 +515,11 @@ def sweep_table(rows: list[dict], *, t2_scaling: bool = False):
 
 def complete_seeds(rows: list[dict]) -> list[int]:
     """The seeds that ran every cell of the sweep (the reference cell alone has more seeds than the grid)."""
-    cells = {(r["temperature"], r["lam"]) for r in rows if not r["t2_scaling"]}
     by_seed: dict[int, set] = {}
     for r in rows:
         if not r["t2_scaling"]:
             by_seed.setdefault(r["seed"], set()).add((r["temperature"], r["lam"]))
+    cells = set().union(*by_seed.values())
     return sorted(s for s, c in by_seed.items() if c == cells)
 
 
